@@ -1,0 +1,34 @@
+"""The `dinokit` command. Each subcommand lives next to what it runs and registers itself here."""
+import argparse
+import importlib
+import sys
+
+# Modules with `register(subparsers)`, which adds a parser whose `func(args)` runs the command.
+COMMANDS = [
+    "dinokit.train.command",
+    "dinokit.models.command",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dinokit", description="DINO self-supervised training and evaluation.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError) as e:  # user errors: one clear line, no traceback
+        print(f"dinokit {args.command}: error: {e}", file=sys.stderr)
+        return 2

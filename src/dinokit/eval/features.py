@@ -1,0 +1,76 @@
+"""Frozen-backbone features of every image in a source, the way DINO's evaluations take them."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..data.decode import BadImage
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def eval_transform(img: torch.Tensor, resize: int = 256, crop: int = 224) -> torch.Tensor:
+    """uint8 (3, H, W) -> normalised float. Large images: resize shorter side + centre crop (the paper's
+    protocol). Images already no larger than the crop are used as they are (e.g. 28 x 28 Fashion-MNIST)."""
+    x = img.float().div_(255)
+    h, w = x.shape[-2:]
+    if min(h, w) > crop:
+        scale = resize / min(h, w)
+        size = (max(crop, round(h * scale)), max(crop, round(w * scale)))
+        x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+        top, left = (x.shape[-2] - crop) // 2, (x.shape[-1] - crop) // 2
+        x = x[:, top:top + crop, left:left + crop].clamp_(0, 1)
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+class _EvalImages(Dataset):
+    def __init__(self, source, transform):
+        self.source, self.transform = source, transform
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        try:
+            return i, self.transform(self.source.read(i)), ""
+        except BadImage as e:
+            return i, None, str(e)
+
+
+def _collate(items):
+    return items  # images may differ in size: grouped by shape in the loop
+
+
+def cls_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, source, batch_size: int = 256, device: str | torch.device = "cpu",
+                     feature_fn=cls_features, transform=eval_transform, num_workers: int = 0,
+                     progress: bool = True) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
+    """Features of every readable image: (N_ok, D) float32, the indices they belong to, and the skipped
+    (index, reason) pairs. `feature_fn(model, batch)` picks what to take (default: [CLS])."""
+    model = model.to(device).eval()
+    loader = DataLoader(_EvalImages(source, transform), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate)
+    feats, kept, skipped = [], [], []
+    for items in tqdm(loader, desc="features", unit="batch", disable=not progress, leave=False):
+        groups: dict[tuple, list] = {}
+        for i, x, reason in items:
+            if x is None:
+                skipped.append((i, reason))
+            else:
+                groups.setdefault(tuple(x.shape), []).append((i, x))
+        for group in groups.values():
+            batch = torch.stack([x for _, x in group]).to(device)
+            feats.append(feature_fn(model, batch).float().cpu())
+            kept.extend(i for i, _ in group)
+    if not feats:
+        raise ValueError(f"no readable images in {getattr(source, 'name', source)} ({len(skipped)} skipped)")
+    order = sorted(range(len(kept)), key=kept.__getitem__)  # back to source order
+    return torch.cat(feats)[order], [kept[j] for j in order], skipped

@@ -1,0 +1,40 @@
+"""DINO's cross-view cross-entropy with centering and sharpening."""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class DINOLoss(nn.Module):
+    """H(teacher, student) over every (global teacher view, other student view) pair.
+
+    Inputs are crop-major: `student_out` is (ncrops * B, K), `teacher_out` is (2 * B, K), the global
+    crops first in both. The center is a running mean of raw teacher outputs, updated after each call.
+    """
+
+    def __init__(self, out_dim: int, ncrops: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        self.ncrops = ncrops
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).chunk(self.ncrops)
+        teacher_p = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach()
+        teacher_p = teacher_p.chunk(teacher_p.shape[0] // student_logp[0].shape[0])
+        # sum over v != iq of -q . log p_v  ==  -q . (sum_v log p_v - log p_iq): one pass over the crops.
+        logp_sum = torch.stack(student_logp).sum(0)
+        total = sum(-(q * (logp_sum - student_logp[iq])).sum(-1).mean() for iq, q in enumerate(teacher_p))
+        n_terms = len(teacher_p) * self.ncrops - min(len(teacher_p), self.ncrops)
+        self.update_center(teacher_out)
+        return total / n_terms
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor):
+        batch_sum = teacher_out.float().sum(dim=0, keepdim=True)
+        count = torch.tensor(float(teacher_out.shape[0]), device=teacher_out.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_sum)
+            dist.all_reduce(count)
+        self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)

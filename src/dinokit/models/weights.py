@@ -1,0 +1,210 @@
+"""Weight files: safe reading, format recognition, and building the backbone they describe.
+
+Formats read by `load_backbone`, told apart by their keys, never by the file name:
+- official DINO backbone `.pth` (a bare ViT or ResNet state dict);
+- official full training checkpoint (`teacher` / `student`, keys prefixed `module.` and `backbone.`), and
+  dinokit's own training checkpoints, which share that layout;
+- timm's DINO ViTs (the official key names, plus an optional classifier `head.*`);
+- Hugging Face `ViTModel` (`embeddings.*`, `encoder.layer.N.*`, optionally under `vit.`), from a folder
+  or a file with `config.json` beside it;
+- safetensors files, dinokit's exports carrying the architecture in their metadata.
+
+Nothing is unpickled beyond tensors and plain containers: `torch.load(weights_only=True)`, with only
+`argparse.Namespace` (the `args` of official checkpoints) added to what it accepts.
+"""
+import argparse
+import json
+import pickle
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, safe_open
+
+from .convnets import CONVNETS, convnet
+from .vit import VisionTransformer
+
+VIT_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16}
+
+
+class UnsafeCheckpointError(ValueError):
+    """A weight file holds something other than tensors and plain data; it was not loaded."""
+
+
+def safe_load(path: str | Path) -> dict:
+    """Read a `.pt`/`.pth`/`.bin`/`.safetensors` file into a dict without running code from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weight file at {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    if len(magic) < 8:
+        raise ValueError(f"{path} is empty or truncated ({len(magic)} bytes)")
+    try:
+        if hasattr(torch.serialization, "safe_globals"):
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        else:  # torch 2.4
+            torch.serialization.add_safe_globals([argparse.Namespace])
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        raise UnsafeCheckpointError(
+            f"refused to load {path}: it contains pickled objects other than tensors and plain data "
+            f"({detail.strip()}). Nothing from it was executed. If you trust the file, convert it to "
+            f"safetensors in an environment where unpickling it is safe.") from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def _strip(sd: dict, prefixes: tuple[str, ...]) -> dict:
+    out = {}
+    for k, v in sd.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in prefixes:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def _hf_config(path: Path) -> dict | None:
+    cfg = (path if path.is_dir() else path.parent) / "config.json"
+    return json.loads(cfg.read_text()) if cfg.is_file() else None
+
+
+HF_BLOCK = {  # Hugging Face ViT name -> reference name, inside encoder.layer.N / blocks.N
+    "layernorm_before": "norm1", "layernorm_after": "norm2", "attention.output.dense": "attn.proj",
+    "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2",
+}
+
+
+def hf_to_reference(sd: dict) -> dict:
+    """Hugging Face `ViTModel` keys to the reference ViT's (query/key/value fused into qkv)."""
+    sd = _strip(sd, ("vit.",))
+    out = {"cls_token": sd["embeddings.cls_token"], "pos_embed": sd["embeddings.position_embeddings"],
+           "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
+           "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
+           "norm.weight": sd["layernorm.weight"], "norm.bias": sd["layernorm.bias"]}
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layer\.(\d+)\.", k)))
+    for i in range(depth):
+        src, dst = f"encoder.layer.{i}.", f"blocks.{i}."
+        for part in ("weight", "bias"):
+            out[dst + f"attn.qkv.{part}"] = torch.cat(
+                [sd[src + f"attention.attention.{n}.{part}"] for n in ("query", "key", "value")])
+            for hf, ref in HF_BLOCK.items():
+                out[dst + f"{ref}.{part}"] = sd[src + f"{hf}.{part}"]
+    return out
+
+
+def reference_to_hf(sd: dict) -> dict:
+    """The reference ViT's keys to Hugging Face `ViTModel`'s (inverse of `hf_to_reference`)."""
+    out = {"embeddings.cls_token": sd["cls_token"], "embeddings.position_embeddings": sd["pos_embed"],
+           "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+           "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+           "layernorm.weight": sd["norm.weight"], "layernorm.bias": sd["norm.bias"]}
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    for i in range(depth):
+        src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
+        for part in ("weight", "bias"):
+            q, k, v = sd[src + f"attn.qkv.{part}"].chunk(3)
+            for name, t in zip(("query", "key", "value"), (q, k, v)):
+                out[dst + f"attention.attention.{name}.{part}"] = t.contiguous()
+            for hf, ref in HF_BLOCK.items():
+                out[dst + f"{hf}.{part}"] = sd[src + f"{ref}.{part}"]
+    return out
+
+
+def vit_arch_from_state_dict(sd: dict, num_heads: int | None = None) -> dict:
+    """ViT constructor arguments implied by the tensors (heads cannot be seen: the standard sizes' are used)."""
+    dim = sd["cls_token"].shape[-1]
+    patch = sd["patch_embed.proj.weight"].shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    grid = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
+    return dict(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth,
+                num_heads=num_heads or VIT_HEADS.get(dim, max(dim // 64, 1)),
+                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim)
+
+
+def _resnet_name(sd: dict) -> str:
+    bottleneck = "layer1.0.conv3.weight" in sd
+    blocks = tuple(1 + max((int(m.group(1)) for k in sd if (m := re.match(rf"layer{i}\.(\d+)\.", k))), default=-1)
+                   for i in range(1, 5))
+    known = {(False, (2, 2, 2, 2)): "resnet18", (False, (3, 4, 6, 3)): "resnet34",
+             (True, (3, 4, 6, 3)): "resnet50", (True, (3, 4, 23, 3)): "resnet101",
+             (True, (3, 8, 36, 3)): "resnet152"}
+    if (bottleneck, blocks) not in known:
+        raise ValueError(f"unrecognised ResNet layout (blocks per stage {blocks})")
+    return known[(bottleneck, blocks)]
+
+
+def build_backbone(arch: dict) -> nn.Module:
+    """A backbone from an `arch` dict: {"name": "vit", **VisionTransformer kwargs} or {"name": "resnet50"}."""
+    arch = dict(arch)
+    name = arch.pop("name")
+    if name == "vit":
+        return VisionTransformer(**arch)
+    if name in CONVNETS:
+        return convnet(name)
+    raise ValueError(f"unknown backbone {name!r}")
+
+
+def backbone_state_dict(obj: dict, which: str = "teacher") -> tuple[dict, dict | None]:
+    """The backbone's reference-named tensors inside any supported layout, and its arch if recorded."""
+    arch = None
+    if isinstance(obj.get("dinokit"), dict):
+        arch = obj["dinokit"].get("arch")
+    if "teacher" in obj or "student" in obj:
+        if which not in obj:
+            raise KeyError(f"checkpoint has no {which!r} weights (it has: {', '.join(k for k in obj)})")
+        obj = obj[which]
+    for key in ("state_dict", "model"):
+        if key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith(("embeddings.", "vit.embeddings.")) for k in sd):
+        return hf_to_reference(sd), arch
+    sd = _strip(sd, ("module.", "_orig_mod.", "backbone."))
+    sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc.", "fc_norm."))}
+    return sd, arch
+
+
+def load_backbone(path: str | Path, which: str = "teacher", num_heads: int | None = None) -> nn.Module:
+    """Build the backbone a weight file describes and load it (strict). See the module doc for formats.
+
+    `which` picks `teacher` (the paper's choice for evaluation) or `student` in a training checkpoint.
+    """
+    path = Path(path)
+    hf_cfg = _hf_config(path)
+    if path.is_dir():
+        found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+        path = found[0]
+    obj = safe_load(path)
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if "dinokit_arch" in meta:
+            obj = {"dinokit": {"arch": json.loads(meta["dinokit_arch"])}, "state_dict": obj}
+    sd, arch = backbone_state_dict(obj, which)
+    if arch is None:
+        if "cls_token" in sd:
+            heads = num_heads or (hf_cfg or {}).get("num_attention_heads")
+            arch = {"name": "vit", **vit_arch_from_state_dict(sd, heads)}
+        elif "conv1.weight" in sd:
+            arch = {"name": _resnet_name(sd)}
+        else:
+            raise ValueError(f"{path}: no ViT or ResNet backbone recognised (first keys: {list(sd)[:5]})")
+    model = build_backbone(arch)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()

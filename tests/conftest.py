@@ -1,0 +1,38 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+PARITY = Path(__file__).resolve().parents[1].parent / "shared" / "parity"
+
+
+def parity_dirs():
+    return sorted(p for p in PARITY.glob("*") if (p / "meta.json").is_file())
+
+
+def recipe_state_dict(keys_shapes, seed):
+    """Seeded weights by the parity fixtures' recipe (shared/parity/README.md)."""
+    rng = np.random.default_rng(seed)
+    sd = {}
+    for name, shape in keys_shapes:
+        x = rng.standard_normal(shape, dtype=np.float32)
+        parts = name.split(".")
+        if name.endswith("weight_g"):
+            x = np.ones(shape, dtype=np.float32)
+        elif len(parts) >= 2 and "norm" in parts[-2] and name.endswith(".weight"):
+            x = 1 + 0.1 * x
+        else:
+            x = 0.02 * x
+        sd[name] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return sd
+
+
+@pytest.fixture(scope="session", params=parity_dirs() or [None], ids=lambda p: p.name if p else "missing")
+def parity(request):
+    if request.param is None:
+        pytest.fail(f"no parity fixtures found under {PARITY}")
+    meta = json.loads((request.param / "meta.json").read_text())
+    arrays = np.load(request.param / "arrays.npz")
+    return meta, {k: torch.from_numpy(arrays[k]) for k in arrays.files}
