@@ -7,6 +7,15 @@ import sys
 COMMANDS = [
     "dinokit.train.command",
     "dinokit.models.command",
+    "dinokit.models.export",
+    "dinokit.eval.search",
+    "dinokit.eval.knn_command",
+    "dinokit.eval.attention",
+    "dinokit.eval.embed",
+    "dinokit.eval.linear",
+    "dinokit.eval.vidseg",
+    "dinokit.eval.davis_synth",
+    "dinokit.eval.copydetect",
 ]
 
 

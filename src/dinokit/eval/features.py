@@ -11,9 +11,10 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def eval_transform(img: torch.Tensor, resize: int = 256, crop: int = 224) -> torch.Tensor:
+def eval_transform(img: torch.Tensor, resize: int = 256, crop: int = 224, normalize: bool = True) -> torch.Tensor:
     """uint8 (3, H, W) -> normalised float. Large images: resize shorter side + centre crop (the paper's
-    protocol). Images already no larger than the crop are used as they are (e.g. 28 x 28 Fashion-MNIST)."""
+    protocol). Images already no larger than the crop are used as they are (e.g. 28 x 28 Fashion-MNIST).
+    `normalize=False` stops at [0, 1] pixels (the pixel baseline)."""
     x = img.float().div_(255)
     h, w = x.shape[-2:]
     if min(h, w) > crop:
@@ -22,6 +23,8 @@ def eval_transform(img: torch.Tensor, resize: int = 256, crop: int = 224) -> tor
         x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
         top, left = (x.shape[-2] - crop) // 2, (x.shape[-1] - crop) // 2
         x = x[:, top:top + crop, left:left + crop].clamp_(0, 1)
+    if not normalize:
+        return x
     mean = torch.tensor(MEAN).view(3, 1, 1)
     std = torch.tensor(STD).view(3, 1, 1)
     return (x - mean) / std
@@ -72,5 +75,42 @@ def extract_features(model: nn.Module, source, batch_size: int = 256, device: st
             kept.extend(i for i, _ in group)
     if not feats:
         raise ValueError(f"no readable images in {getattr(source, 'name', source)} ({len(skipped)} skipped)")
+    if len({f.shape[1:] for f in feats}) > 1:
+        raise ValueError(f"features of {getattr(source, 'name', source)} differ in shape between image sizes "
+                         f"({sorted({tuple(f.shape[1:]) for f in feats})}); use images of one size")
     order = sorted(range(len(kept)), key=kept.__getitem__)  # back to source order
     return torch.cat(feats)[order], [kept[j] for j in order], skipped
+
+
+def patch_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Final-norm patch tokens of the last block: B, patches, dim (row-major over the patch grid)."""
+    return model.forward_features(x)[:, 1:]
+
+
+def gem(tokens: torch.Tensor, p: float = 4.0) -> torch.Tensor:
+    """Generalised-mean pooling over tokens (B, N, D) -> (B, D); p = 1 is the average, large p the max."""
+    return tokens.clamp(min=1e-6).pow(p).mean(dim=1).pow(1.0 / p)
+
+
+def gem_features(p: float = 4.0):
+    return lambda model, x: gem(patch_tokens(model, x), p)
+
+
+def cls_gem_features(p: float = 4.0):
+    """Copy detection's descriptor: [CLS] and GeM-pooled patch tokens of the last block, concatenated."""
+    def fn(model, x):
+        tokens = model.forward_features(x)
+        return torch.cat([tokens[:, 0], gem(tokens[:, 1:], p)], dim=1)
+    return fn
+
+
+def last_blocks_features(n_last_blocks: int = 4, avgpool: bool = False):
+    """The linear probe's input: [CLS] of the last n blocks (final norm applied to each), concatenated,
+    plus the average of the last block's patch tokens with `avgpool` (the paper's ViT-B setting)."""
+    def fn(model, x):
+        layers = model.get_intermediate_layers(x, n_last_blocks)
+        parts = [t[:, 0] for t in layers]
+        if avgpool:
+            parts.append(layers[-1][:, 1:].mean(dim=1))
+        return torch.cat(parts, dim=1)
+    return fn

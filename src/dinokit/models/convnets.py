@@ -10,5 +10,6 @@ def convnet(name: str) -> nn.Module:
         raise ValueError(f"unknown convnet {name!r}; choose one of {', '.join(CONVNETS)}")
     model = getattr(torchvision.models, name)(weights=None)
     model.num_features = model.fc.in_features
+    model.arch_name = name
     model.fc = nn.Identity()
     return model

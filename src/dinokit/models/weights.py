@@ -15,6 +15,7 @@ Nothing is unpickled beyond tensors and plain containers: `torch.load(weights_on
 import argparse
 import json
 import pickle
+import pickletools
 import re
 from pathlib import Path
 
@@ -32,17 +33,49 @@ class UnsafeCheckpointError(ValueError):
     """A weight file holds something other than tensors and plain data; it was not loaded."""
 
 
+def _is_safetensors(head: bytes) -> bool:
+    # An 8-byte little-endian header length, then the JSON header.
+    return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """The `module.name` globals a plain pickle file would import, read without unpickling it."""
+    names, strings = [], []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    names.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # a malformed stream: report what was seen before it broke
+        pass
+    return names
+
+
 def safe_load(path: str | Path) -> dict:
-    """Read a `.pt`/`.pth`/`.bin`/`.safetensors` file into a dict without running code from it."""
+    """Read a PyTorch (`.pt`/`.pth`/`.bin`) or safetensors file into a dict without running code from it.
+
+    The format is told from the file's first bytes, not its name.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no weight file at {path}")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
     with open(path, "rb") as f:
-        magic = f.read(8)
-    if len(magic) < 8:
-        raise ValueError(f"{path} is empty or truncated ({len(magic)} bytes)")
+        head = f.read(16)
+    if len(head) < 16:
+        raise ValueError(f"{path} is empty or truncated ({len(head)} bytes)")
+    if _is_safetensors(head):
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error type
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    is_zip, is_pickle = head.startswith(b"PK\x03\x04"), head.startswith(b"\x80")
+    if not (is_zip or is_pickle):
+        raise ValueError(f"{path} is neither a PyTorch checkpoint nor a safetensors file "
+                         f"(it starts with {head[:8]!r})")
     try:
         if hasattr(torch.serialization, "safe_globals"):
             with torch.serialization.safe_globals([argparse.Namespace]):
@@ -53,11 +86,15 @@ def safe_load(path: str | Path) -> dict:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
         detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        # torch names only the first forbidden global; a plain pickle can be read through for all of them
+        found = re.findall(r"GLOBAL ([\w.]+)", str(e)) if is_zip else _pickle_globals(path)
+        if found:
+            detail = f"it would import {', '.join(dict.fromkeys(found))}"
         raise UnsafeCheckpointError(
             f"refused to load {path}: it contains pickled objects other than tensors and plain data "
             f"({detail.strip()}). Nothing from it was executed. If you trust the file, convert it to "
             f"safetensors in an environment where unpickling it is safe.") from None
-    except (RuntimeError, EOFError) as e:
+    except (RuntimeError, EOFError, KeyError, IndexError) as e:  # KeyError: an unknown pickle opcode
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
@@ -88,9 +125,32 @@ HF_BLOCK = {  # Hugging Face ViT name -> reference name, inside encoder.layer.N 
 }
 
 
+HF5_TO_HUB = [  # transformers >= 5 names its modules differently in memory; files keep the Hub's names
+    (r"^layers\.(\d+)\.", r"encoder.layer.\1."), (r"\.attention\.q_proj\.", ".attention.attention.query."),
+    (r"\.attention\.k_proj\.", ".attention.attention.key."),
+    (r"\.attention\.v_proj\.", ".attention.attention.value."),
+    (r"\.attention\.o_proj\.", ".attention.output.dense."), (r"\.mlp\.fc1\.", ".intermediate.dense."),
+    (r"\.mlp\.fc2\.", ".output.dense."),
+]
+
+
+def _hf_hub_names(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("layers."):
+            for pattern, repl in HF5_TO_HUB:
+                k = re.sub(pattern, repl, k)
+        out[k] = v
+    return out
+
+
 def hf_to_reference(sd: dict) -> dict:
-    """Hugging Face `ViTModel` keys to the reference ViT's (query/key/value fused into qkv)."""
-    sd = _strip(sd, ("vit.",))
+    """Hugging Face `ViTModel` keys to the reference ViT's (query/key/value fused into qkv).
+
+    Reads both the names in Hub files (`encoder.layer.N.attention.attention.query`) and those of a
+    transformers >= 5 model's `state_dict()` (`layers.N.attention.q_proj`).
+    """
+    sd = _hf_hub_names(_strip(sd, ("vit.",)))
     out = {"cls_token": sd["embeddings.cls_token"], "pos_embed": sd["embeddings.position_embeddings"],
            "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
            "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
@@ -107,7 +167,8 @@ def hf_to_reference(sd: dict) -> dict:
 
 
 def reference_to_hf(sd: dict) -> dict:
-    """The reference ViT's keys to Hugging Face `ViTModel`'s (inverse of `hf_to_reference`)."""
+    """The reference ViT's keys to Hugging Face `ViTModel`'s as its files name them (what `save_pretrained`
+    writes and `from_pretrained` reads, in every transformers version); inverse of `hf_to_reference`."""
     out = {"embeddings.cls_token": sd["cls_token"], "embeddings.position_embeddings": sd["pos_embed"],
            "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
            "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
@@ -191,7 +252,9 @@ def load_backbone(path: str | Path, which: str = "teacher", num_heads: int | Non
             raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
         path = found[0]
     obj = safe_load(path)
-    if path.suffix == ".safetensors":
+    with open(path, "rb") as f:
+        stored_as_safetensors = _is_safetensors(f.read(16))
+    if stored_as_safetensors:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         if "dinokit_arch" in meta:

@@ -1,0 +1,64 @@
+"""Training batches: a seeded order per epoch, decoding with skips, geometric crops in loader workers.
+
+The data order is a pure function of (seed, epoch): batch b of an epoch is the same whatever the process
+count (each process takes its slice of the global batch), so a run resumes at any step by starting the
+epoch's order at that batch.
+"""
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .decode import BadImage
+from .multicrop import MultiCrop
+from .sources import ArraySource
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class EpochBatches(Dataset):
+    """Item b: (sample indices, geometric crops, skipped (path, reason) pairs) of this process's share of
+    global batch b."""
+
+    def __init__(self, source, multicrop: MultiCrop, batch_size: int, epoch: int, seed: int,
+                 rank: int = 0, world_size: int = 1, start_batch: int = 0):
+        if batch_size % world_size:
+            raise ValueError(f"global batch {batch_size} is not divisible by {world_size} processes")
+        self.source, self.multicrop, self.epoch = source, multicrop, epoch
+        self.order = epoch_order(len(source), seed, epoch)
+        self.global_batch, self.local_batch = batch_size, batch_size // world_size
+        self.rank, self.start_batch = rank, start_batch
+
+    def __len__(self):
+        return len(self.order) // self.global_batch - self.start_batch  # the incomplete last batch is dropped
+
+    def __getitem__(self, b):
+        start = (self.start_batch + b) * self.global_batch + self.rank * self.local_batch
+        index = torch.from_numpy(self.order[start:start + self.local_batch].copy())
+        skipped = []
+        if isinstance(self.source, ArraySource):
+            images = self.source.images[index]
+        else:
+            images, kept = [], []
+            for i in index.tolist():
+                try:
+                    images.append(self.source.read(i))
+                    kept.append(i)
+                except BadImage as e:
+                    skipped.append((self.source.paths[i], str(e)))
+            index = torch.tensor(kept, dtype=torch.long)
+            if not kept:
+                return index, None, skipped
+        return index, self.multicrop.geometric(images, index, self.epoch), skipped
+
+
+def epoch_loader(dataset: EpochBatches, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+                      persistent_workers=False, prefetch_factor=2 if num_workers else None)
+
+
+def iters_per_epoch(n_images: int, batch_size: int) -> int:
+    if n_images < batch_size:
+        raise ValueError(f"the data has {n_images} images, fewer than one batch of {batch_size}")
+    return n_images // batch_size

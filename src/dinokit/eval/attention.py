@@ -1,0 +1,120 @@
+"""`dinokit attention`: where the [CLS] token of the last block looks, per head, as images.
+
+For each image: one heat map per head, the mask of the patches that hold 60% of that head's attention
+mass, and an overlay of the mean attention on the image. The paper's Figure 1 and 3."""
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from PIL import Image
+from tqdm import tqdm
+
+from ..data.decode import BadImage, decode_image
+from .common import add_common_args, load_model, log, pick_device, report, require_vit
+from .features import MEAN, STD
+
+
+def register(sub):
+    p = sub.add_parser("attention", help="per-head [CLS] self-attention maps and 60%%-mass masks as PNG files")
+    add_common_args(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per image)")
+    p.add_argument("--image-size", type=int, default=480,
+                   help="resize the shorter side to this before the model (0: keep the image's size)")
+    p.add_argument("--threshold", type=float, default=0.6, help="attention mass the masks keep")
+    p.set_defaults(func=run)
+
+
+def cls_attention(model, x: torch.Tensor) -> torch.Tensor:
+    """Last block's attention from [CLS] to every patch: (heads, grid_h, grid_w), each head summing to <= 1."""
+    attn = model.get_last_selfattention(x[None])[0]  # heads, tokens, tokens
+    gh, gw = x.shape[-2] // model.patch_size, x.shape[-1] // model.patch_size
+    return attn[:, 0, 1:].reshape(-1, gh, gw)
+
+
+def mass_mask(attn: torch.Tensor, threshold: float = 0.6) -> torch.Tensor:
+    """Per head (first dim), the smallest set of most-attended patches holding `threshold` of its mass."""
+    flat = attn.flatten(1)
+    flat = flat / flat.sum(dim=1, keepdim=True)
+    values, order = flat.sort(dim=1, descending=True)
+    before = values.cumsum(dim=1) - values  # mass of the patches ranked above each one
+    keep_sorted = before < threshold  # a patch is needed while the mass so far falls short
+    keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
+    return keep.reshape(attn.shape)
+
+
+def prepare(img: torch.Tensor, image_size: int, patch_size: int) -> torch.Tensor:
+    """uint8 (3, H, W) -> [0, 1] float, shorter side resized, then cropped to whole patches."""
+    x = img.float() / 255
+    if image_size:
+        h, w = x.shape[-2:]
+        scale = image_size / min(h, w)
+        x = F.interpolate(x[None], size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bicubic",
+                          antialias=True, align_corners=False)[0].clamp(0, 1)
+    h, w = (s - s % patch_size for s in x.shape[-2:])
+    if h == 0 or w == 0:
+        raise BadImage(f"smaller than one {patch_size}x{patch_size} patch")
+    return x[:, :h, :w]
+
+
+def heat_map(a: np.ndarray, cmap: str = "viridis") -> np.ndarray:
+    """2-D values -> uint8 RGB, scaled to the map's own range."""
+    a = (a - a.min()) / (a.max() - a.min() or 1.0)
+    return (colormaps[cmap](a)[..., :3] * 255).round().astype(np.uint8)
+
+
+def upsample(grid: torch.Tensor, patch_size: int) -> np.ndarray:
+    """Patch grid -> pixel grid, each patch a solid square (what the model saw)."""
+    return grid.repeat_interleave(patch_size, -2).repeat_interleave(patch_size, -1).numpy()
+
+
+def save_maps(x: torch.Tensor, attn: torch.Tensor, masks: torch.Tensor, patch_size: int, folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    image = (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    files = {"image.png": image}
+    for h in range(attn.shape[0]):
+        files[f"attn-head{h}.png"] = heat_map(upsample(attn[h], patch_size))
+        files[f"mask-head{h}.png"] = upsample(masks[h], patch_size).astype(np.uint8) * 255
+    mean = heat_map(upsample(attn.mean(0), patch_size), "inferno").astype(np.float32)
+    files["overlay.png"] = (0.5 * image + 0.5 * mean).round().astype(np.uint8)
+    for name, a in files.items():
+        Image.fromarray(a).save(folder / name)
+    return [str(folder / n) for n in files]
+
+
+@torch.no_grad()
+def run(args):
+    if not 0 < args.threshold <= 1:
+        raise ValueError("--threshold must be in (0, 1]")
+    model = load_model(args.weights, args.which)
+    require_vit(model, "attention maps")
+    device = pick_device(args.device)
+    model = model.to(device)
+    out, results, skipped, lines = Path(args.out), [], [], []
+    stems: dict[str, int] = {}
+    for path in tqdm(args.images, desc="attention", unit="image", disable=args.quiet, leave=False):
+        try:
+            x = prepare(decode_image(path), args.image_size, model.patch_size)
+        except BadImage as e:
+            log(args, f"skipped {path}: {e}")
+            skipped.append({"image": path, "reason": str(e)})
+            continue
+        attn = cls_attention(model, ((x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1))
+                             .to(device)).float().cpu()
+        masks = mass_mask(attn, args.threshold)
+        stem = Path(path).stem
+        stems[stem] = stems.get(stem, 0) + 1
+        name = stem if stems[stem] == 1 else f"{stem}-{stems[stem]}"  # same names in different folders
+        files = save_maps(x, attn, masks, model.patch_size, out / name)
+        fractions = masks.flatten(1).float().mean(1).tolist()
+        results.append({"image": path, "size": list(x.shape[-2:]), "grid": list(attn.shape[-2:]),
+                        "mask_fraction": fractions, "files": files})
+        lines.append(f"{path}: {len(fractions)} heads, masks cover "
+                     f"{', '.join(f'{100 * f:.0f}%' for f in fractions)} of the image -> {out / name}")
+    if not results:
+        raise ValueError(f"none of the {len(args.images)} images could be read")
+    report(args, {"command": "attention", "weights": args.weights, "out": str(out), "images": results,
+                  "skipped": skipped}, lines)
+    return 0

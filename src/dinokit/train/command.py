@@ -1,0 +1,41 @@
+"""`dinokit train`."""
+import json
+import re
+
+from .config import resolve
+from .engine import train
+from .presets import PRESETS
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '15m', '1h30m' -> seconds."""
+    m = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
+    if not text.strip() or not m or not any(m.groups()):
+        raise ValueError(f"cannot read duration {text!r} (examples: 90s, 15m, 1h30m)")
+    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    return h * 3600 + mi * 60 + s
+
+
+def register(sub):
+    p = sub.add_parser("train", help="pretrain a backbone with DINO on a folder of images or a named data set")
+    p.add_argument("--data", help="image folder (recursive) or fashion-mnist:train / fashion-mnist:test")
+    p.add_argument("--out", required=True, help="run folder: config, metrics, checkpoints, curves")
+    p.add_argument("--config", help="YAML file of config keys")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named starting configuration")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (repeatable)")
+    p.add_argument("--time-budget", type=parse_duration, help="fit the whole schedule into this long (e.g. 15m)")
+    p.add_argument("--max-steps", type=int, help="stop after N steps (the schedule stays laid out for the full run)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    cfg = resolve(args.preset, args.config, args.sets, data=args.data)
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise ValueError("--max-steps must be > 0")
+    summary = train(cfg, args.out, resume=args.resume, time_budget=args.time_budget, max_steps=args.max_steps,
+                    progress=not args.no_progress)
+    print(json.dumps(summary))
+    return 0

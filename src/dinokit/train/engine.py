@@ -1,0 +1,399 @@
+"""DINO training: the paper's Algorithm 1 with multi-crop, schedules and everything a long run needs.
+
+Read `train_step` first: it is the method. The rest builds the models, lays out the schedules, moves
+through the data, and keeps the run safe (checkpoints, resume, signals, NaN guard).
+"""
+import copy
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import yaml
+from tqdm import tqdm
+
+from ..data.loader import EpochBatches, epoch_loader, iters_per_epoch
+from ..data.multicrop import MultiCrop
+from ..data.sources import open_source
+from ..loss import DINOLoss
+from ..models.convnets import convnet
+from ..models.heads import DINOHead, MultiCropWrapper
+from ..models.vit import VIT_SIZES, VisionTransformer
+from .checkpoint import load_latest, save_checkpoint
+from .config import Config, resolve_precision
+from .monitor import CollapseWatch, MetricsLog, plot_curves, teacher_stats
+from .schedules import cosine_schedule
+
+
+# ---- models ----------------------------------------------------------------------------------------
+def build_backbone(cfg: Config, drop_path_rate: float) -> nn.Module:
+    if cfg.arch in VIT_SIZES or cfg.arch == "vit":
+        dim, depth, heads = VIT_SIZES.get(cfg.arch, (cfg.embed_dim, cfg.depth, cfg.num_heads))
+        return VisionTransformer(img_size=cfg.global_crop_size, patch_size=cfg.patch_size, embed_dim=dim,
+                                 depth=depth, num_heads=heads, drop_path_rate=drop_path_rate)
+    return convnet(cfg.arch)
+
+
+def backbone_arch(backbone: nn.Module) -> dict:
+    """What `models.weights.build_backbone` needs to rebuild this backbone."""
+    if isinstance(backbone, VisionTransformer):
+        return {"name": "vit", **backbone.arch()}
+    return {"name": backbone.arch_name}
+
+
+def build_models(cfg: Config):
+    """Student (drop path) and teacher (none), same architecture; the teacher starts as the student."""
+    student = build_backbone(cfg, cfg.drop_path_rate)
+    teacher = build_backbone(cfg, 0.0)
+    head = lambda: DINOHead(student.num_features, cfg.out_dim, use_bn=cfg.use_bn_in_head,
+                            norm_last_layer=cfg.norm_last_layer, hidden_dim=cfg.head_hidden_dim,
+                            bottleneck_dim=cfg.bottleneck_dim)
+    student, teacher = MultiCropWrapper(student, head()), MultiCropWrapper(teacher, head())
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student, teacher
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Weight decay on weight matrices only: biases and all 1-D parameters (norms, gains) get none."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---- schedules -------------------------------------------------------------------------------------
+@dataclass
+class Schedules:
+    lr: np.ndarray
+    wd: np.ndarray
+    momentum: np.ndarray
+    teacher_temp: np.ndarray
+    freeze_last_layer_steps: int
+
+    @classmethod
+    def build(cls, cfg: Config, total_steps: int, steps_per_epoch: int, world_batch: int) -> "Schedules":
+        # Warm-ups are given in epochs of the configured run; a shorter or longer run (time budget)
+        # keeps their fraction of it.
+        stretch = total_steps / (cfg.epochs * steps_per_epoch)
+        steps = lambda epochs: int(round(epochs * steps_per_epoch * stretch))
+        warm_t = min(steps(cfg.warmup_teacher_temp_epochs), total_steps)
+        temp = np.concatenate([np.linspace(cfg.warmup_teacher_temp, cfg.teacher_temp, warm_t),
+                               np.full(total_steps - warm_t, cfg.teacher_temp)])
+        return cls(lr=cosine_schedule(cfg.lr * world_batch / 256, cfg.min_lr, total_steps, 1,
+                                      min(steps(cfg.warmup_epochs), total_steps)),
+                   wd=cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total_steps, 1),
+                   momentum=cosine_schedule(cfg.momentum_teacher, 1.0, total_steps, 1),
+                   teacher_temp=temp, freeze_last_layer_steps=steps(cfg.freeze_last_layer))
+
+
+# ---- the step ----------------------------------------------------------------------------------------
+def clip_gradients_(params: list[torch.Tensor], clip: float):
+    """Scale each parameter's gradient to norm <= clip, separately (the paper code's rule)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or clip <= 0:
+        return
+    norms = torch.stack(torch._foreach_norm(grads))
+    scale = (clip / (norms + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, list(scale.unbind()))
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float):
+    """teacher = m * teacher + (1 - m) * student, parameter by parameter (the teacher gets no gradient)."""
+    t = [p for p in teacher.parameters()]
+    s = [p.detach() for p in student.parameters()]
+    torch._foreach_mul_(t, momentum)
+    torch._foreach_add_(t, s, alpha=1.0 - momentum)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, device: torch.device, steps_per_epoch: int, total_steps: int):
+        self.cfg, self.device = cfg, device
+        self.precision = resolve_precision(cfg.precision, device.type)
+        self.student, self.teacher = build_models(cfg)
+        self.student.to(device)
+        self.teacher.to(device)
+        self.student_ddp = self.student
+        if dist.is_initialized():
+            self.student_ddp = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[device.index] if device.type == "cuda" else None)
+        groups = param_groups(self.student)
+        if cfg.optimizer == "adamw":
+            fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+            self.optimizer = torch.optim.AdamW(groups, lr=0.0, **fused)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9, foreach=True)
+        self.loss = DINOLoss(cfg.out_dim, 2 + cfg.local_crops_number, cfg.student_temp,
+                             cfg.center_momentum).to(device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" and device.type == "cuda" else None
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        world_batch = cfg.batch_size
+        self.sched = Schedules.build(cfg, total_steps, steps_per_epoch, world_batch)
+        self.last_layer = list(self.student.head.last_layer.parameters())
+        self.trainable = [p for p in self.student.parameters() if p.requires_grad]
+        self.step = 0
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.float16 if self.precision == "fp16" and self.device.type == "cuda" else torch.bfloat16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def train_step(self, crops: list[torch.Tensor], with_stats: bool = False) -> tuple[torch.Tensor, dict]:
+        it, s = self.step, self.sched
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = float(s.lr[it])
+            if i == 0:
+                group["weight_decay"] = float(s.wd[it])
+        temp = float(s.teacher_temp[it])
+
+        with self.autocast():
+            teacher_out = self.teacher(crops[:2])  # global views only
+            student_out = self.student_ddp(crops)  # every view
+            stats = teacher_stats(teacher_out, self.loss.center, temp) if with_stats else {}
+            loss = self.loss(student_out, teacher_out, temp)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        clip_gradients_(self.trainable, self.cfg.clip_grad)
+        if it < s.freeze_last_layer_steps:  # let the prototypes settle before they move
+            for p in self.last_layer:
+                p.grad = None
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        ema_update_(self.teacher, self.student, float(s.momentum[it]))
+        self.step += 1
+        if with_stats:
+            stats.update(lr=float(s.lr[it]), wd=float(s.wd[it]), momentum=float(s.momentum[it]),
+                         teacher_temp=temp, center_norm=float(self.loss.center.norm()))
+        return loss.detach(), stats
+
+    # ---- state ----
+    def state(self, cfg_dict: dict, extra: dict) -> dict:
+        return {
+            "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "epoch": self.step // self.steps_per_epoch,
+            "dino_loss": self.loss.state_dict(),
+            **({"fp16_scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
+            "dinokit": {"version": 1, "arch": backbone_arch(self.student.backbone), "config": cfg_dict,
+                        "step": self.step, "total_steps": self.total_steps,
+                        "steps_per_epoch": self.steps_per_epoch, "torch_rng": torch.get_rng_state(),
+                        **({"cuda_rng": torch.cuda.get_rng_state()} if self.device.type == "cuda" else {}),
+                        **extra},
+        }
+
+    def load_state(self, ckpt: dict):
+        self.student.load_state_dict(ckpt["student"])
+        self.teacher.load_state_dict(ckpt["teacher"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.loss.load_state_dict(ckpt["dino_loss"])
+        if self.scaler is not None and "fp16_scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["fp16_scaler"])
+        meta = ckpt["dinokit"]
+        self.step = int(meta["step"])
+        torch.set_rng_state(meta["torch_rng"])
+        if "cuda_rng" in meta and self.device.type == "cuda":
+            torch.cuda.set_rng_state(meta["cuda_rng"])
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+class StopRequested:
+    """SIGTERM / SIGINT: finish the step, save, exit cleanly. A second signal exits at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            os._exit(128 + signum)
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint, then stopping "
+              "(signal again to exit at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if dist.is_initialized() and torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def calibrate(cfg: Config, device, steps_per_epoch: int, batches, multicrop: MultiCrop,
+              warmup: int = 2, timed: int = 5) -> float:
+    """Seconds per step, measured on a throwaway trainer; the global RNG is left as it was."""
+    rng_state = torch.get_rng_state()
+    probe = Trainer(cfg, device, steps_per_epoch, warmup + timed)
+    t0, n = None, 0
+    for b, (index, crops, _) in enumerate(batches):
+        if b == warmup:
+            t0 = time.perf_counter()
+        if crops is not None:
+            probe.train_step(multicrop.photometric([c.to(device) for c in crops], index, 0))
+        if b >= warmup:
+            n += 1
+        if n == timed:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    torch.set_rng_state(rng_state)
+    if t0 is None:
+        raise ValueError("too few batches to measure the step time for --time-budget")
+    return (time.perf_counter() - t0) / n
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: float | None = None,
+          max_steps: int | None = None, progress: bool = True) -> dict:
+    """Train; returns a summary. `time_budget` (seconds) sizes the schedule to fit; `max_steps` stops
+    early with the schedule laid out for the whole run."""
+    run_dir = Path(run_dir)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    main_process = rank == 0
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if main_process else (lambda msg: None)
+
+    ckpt = load_latest(run_dir, log) if resume else None
+    if resume and ckpt is None:
+        log(f"no usable checkpoint in {run_dir}: starting from scratch")
+    if ckpt is None and main_process and (run_dir / "checkpoint.pt").exists():
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, "
+                              "or choose another --out")
+    if ckpt is not None:
+        saved = Config(**ckpt["dinokit"]["config"])
+        if saved != cfg:
+            changed = [k for k in cfg.to_dict() if getattr(saved, k) != getattr(cfg, k)]
+            log(f"resuming with the run's saved configuration (ignoring changes to: {', '.join(changed)})")
+        cfg = saved
+
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    source = open_source(cfg.data)
+    steps_per_epoch = iters_per_epoch(len(source), cfg.batch_size)
+    multicrop = MultiCrop(cfg.global_crop_size, cfg.local_crop_size, cfg.local_crops_number,
+                          cfg.global_crops_scale, cfg.local_crops_scale, seed=cfg.seed)
+    total_steps = cfg.epochs * steps_per_epoch if ckpt is None else int(ckpt["dinokit"]["total_steps"])
+    started = time.time()
+    if ckpt is None and time_budget is not None:
+        probe_batches = epoch_loader(EpochBatches(source, multicrop, cfg.batch_size, 0, cfg.seed, rank, world),
+                                     cfg.num_workers)
+        sec_per_step = calibrate(cfg, device, steps_per_epoch, probe_batches, multicrop)
+        reserve = 5.0 + 0.01 * time_budget  # final checkpoint, curves
+        total_steps = max(1, int((time_budget - (time.time() - started) - reserve) / sec_per_step))
+        log(f"time budget {time_budget:.0f}s: {sec_per_step * 1000:.0f} ms/step measured -> {total_steps} steps "
+            f"({total_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch} steps)")
+    trainer = Trainer(cfg, device, steps_per_epoch, total_steps)
+    if ckpt is not None:
+        trainer.load_state(ckpt)
+        log(f"resumed from step {trainer.step} of {trainer.total_steps}")
+    del ckpt
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if main_process:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(
+            {**cfg.to_dict(), "resolved": {"total_steps": trainer.total_steps, "steps_per_epoch": steps_per_epoch,
+                                           "world_size": world, "device": str(device),
+                                           "precision": trainer.precision}}, sort_keys=False))
+    metrics_log = MetricsLog(run_dir, enabled=main_process)
+    watch = CollapseWatch(cfg.out_dim)
+    skipped_path = run_dir / "skipped.txt"
+    reported = set(l.split("\t")[0] for l in skipped_path.read_text().splitlines()) if skipped_path.exists() else set()
+    stop_at = trainer.total_steps if max_steps is None else min(trainer.total_steps, trainer.step + max_steps)
+    bar = tqdm(total=stop_at, initial=trainer.step, desc="train", unit="step", disable=not (progress and main_process),
+               dynamic_ncols=True)
+    last_loss, window_images, window_start = float("nan"), 0, time.perf_counter()
+
+    def checkpoint():
+        if main_process:
+            save_checkpoint(trainer.state(cfg.to_dict(), {"skipped": len(reported)}), run_dir)
+
+    with StopRequested() as stop:
+        while trainer.step < stop_at and not stop.requested:
+            epoch, start_batch = divmod(trainer.step, steps_per_epoch)
+            batches = epoch_loader(EpochBatches(source, multicrop, cfg.batch_size, epoch, cfg.seed, rank, world,
+                                                start_batch), cfg.num_workers)
+            for index, crops, skipped in batches:
+                for path, reason in skipped:
+                    if path not in reported and main_process:
+                        reported.add(path)
+                        with open(skipped_path, "a") as f:
+                            f.write(f"{path}\t{reason}\n")
+                        log(f"skipped {path}: {reason}")
+                if crops is None:  # every image of this batch was unreadable
+                    trainer.step += 1
+                    continue
+                crops = multicrop.photometric([c.to(device, non_blocking=True) for c in crops], index, epoch)
+                log_now = (trainer.step + 1) % cfg.log_every == 0 or trainer.step + 1 == stop_at
+                loss, stats = trainer.train_step(crops, with_stats=log_now)
+                window_images += len(index) * world
+                if device.type == "cpu" or log_now:
+                    last_loss = loss.item()
+                    if not math.isfinite(last_loss):
+                        raise FloatingPointError(
+                            f"loss is {last_loss} at step {trainer.step}: stopping; the last good checkpoint in "
+                            f"{run_dir} is left as it was. Lower lr, raise warmup_epochs, or use precision=fp32.")
+                if log_now:
+                    if dist.is_initialized():  # every logged number is the mean over processes
+                        vals = torch.tensor([last_loss, *stats.values()], device=device)
+                        dist.all_reduce(vals)
+                        last_loss, *rest = (vals / world).tolist()
+                        stats = dict(zip(stats, rest))
+                    now = time.perf_counter()
+                    stats.update(step=trainer.step, epoch=trainer.step / steps_per_epoch, loss=last_loss,
+                                 kl=last_loss - stats["teacher_entropy"],
+                                 images_per_s=window_images / (now - window_start), skipped=len(reported),
+                                 elapsed_s=time.time() - started)
+                    window_images, window_start = 0, now
+                    metrics_log.write(stats)
+                    warning = watch.update(stats)
+                    if warning:
+                        log(warning)
+                    bar.set_postfix(loss=f"{last_loss:.3f}", ips=f"{stats['images_per_s']:.0f}")
+                bar.update(1)
+                if trainer.step % cfg.save_every_steps == 0 or trainer.step == stop_at or stop.requested:
+                    checkpoint()
+                    if cfg.keep_every_epochs and trainer.step % (cfg.keep_every_epochs * steps_per_epoch) == 0 \
+                            and main_process:
+                        save_checkpoint_copy(run_dir, trainer.step // steps_per_epoch)
+                if trainer.step >= stop_at or stop.requested:
+                    break
+    bar.close()
+    metrics_log.close()
+    curves = plot_curves(run_dir) if main_process else None
+    summary = {"run_dir": str(run_dir), "step": trainer.step, "total_steps": trainer.total_steps,
+               "finished": trainer.step >= trainer.total_steps, "stopped_by_signal": stop.requested,
+               "loss": last_loss, "skipped": len(reported), "seconds": time.time() - started,
+               "curves": str(curves) if curves else None}
+    return summary
+
+
+def save_checkpoint_copy(run_dir: Path, epoch: int):
+    import shutil
+    shutil.copyfile(run_dir / "checkpoint.pt", run_dir / f"checkpoint{epoch:04d}.pt")

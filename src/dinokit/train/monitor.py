@@ -1,0 +1,121 @@
+"""What a run shows: metrics.jsonl, TensorBoard, curves.png, and a watch for DINO's two collapses.
+
+The paper's collapse study (its section 5.3): with centering alone the teacher's output tends to uniform
+(entropy -> log K); with sharpening alone it tends to one prototype (entropy -> 0). In both, the student
+copies the teacher exactly: KL(teacher || student) -> 0. A learning run keeps that KL away from 0.
+"""
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def teacher_stats(teacher_out: torch.Tensor, center: torch.Tensor, temp: float) -> dict:
+    """Mean per-sample entropy of the teacher's centred, sharpened distribution, and the entropy of its
+    batch mean (how many prototypes are in use), both in nats."""
+    p = F.softmax((teacher_out.float() - center) / temp, dim=-1)
+    logp = torch.log(p.clamp_min(1e-30))
+    mean_p = p.mean(0)
+    return {"teacher_entropy": float(-(p * logp).sum(-1).mean()),
+            "batch_entropy": float(-(mean_p * torch.log(mean_p.clamp_min(1e-30))).sum())}
+
+
+class CollapseWatch:
+    """Warns once per kind when the last `patience` logged steps all look collapsed."""
+
+    def __init__(self, out_dim: int, patience: int = 20, kl_floor: float = 1e-3):
+        self.log_k, self.patience, self.kl_floor = math.log(out_dim), patience, kl_floor
+        self.history: list[str | None] = []
+        self.warned: set[str] = set()
+
+    def kind(self, m: dict) -> str | None:
+        if m["kl"] > self.kl_floor * self.log_k:
+            return None
+        if m["teacher_entropy"] > 0.9 * self.log_k:
+            return "uniform"
+        if m["batch_entropy"] < 0.1 * self.log_k:
+            return "one-prototype"
+        return None
+
+    def update(self, metrics: dict) -> str | None:
+        self.history = (self.history + [self.kind(metrics)])[-self.patience:]
+        kind = self.history[0]
+        if kind is None or len(self.history) < self.patience or any(h != kind for h in self.history):
+            return None
+        if kind in self.warned:
+            return None
+        self.warned.add(kind)
+        if kind == "uniform":
+            return ("collapse warning: the teacher's output is nearly uniform (entropy "
+                    f"{metrics['teacher_entropy']:.2f} of max {self.log_k:.2f}) and the student copies it "
+                    "(KL ~ 0). Centering dominates sharpening: lower teacher_temp (e.g. 0.04) or "
+                    "warmup_teacher_temp, raise center_momentum, or lower lr.")
+        return ("collapse warning: the teacher puts (almost) every image on the same prototype (batch entropy "
+                f"{metrics['batch_entropy']:.2f} of max {self.log_k:.2f}) and the student copies it (KL ~ 0). "
+                "Sharpening dominates centering: lower center_momentum or raise teacher_temp; lower lr; "
+                "keep norm_last_layer true; check that the teacher momentum is not too low.")
+
+
+class MetricsLog:
+    """metrics.jsonl plus TensorBoard events (when tensorboard is installed), in the run folder."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, metrics: dict):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, metrics["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(run_dir: Path, out: Path | None = None) -> Path | None:
+    rows = read_metrics(run_dir)
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("loss", "loss"), ("kl", "KL(teacher || student)"), ("teacher_entropy", "teacher entropy"),
+              ("batch_entropy", "batch-mean entropy"), ("lr", "learning rate"), ("momentum", "teacher momentum"),
+              ("teacher_temp", "teacher temperature"), ("images_per_s", "images / s")]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
+    steps = [r["step"] for r in rows]
+    for ax, (key, title) in zip(axes.flat, panels):
+        ax.plot(steps, [r.get(key, float("nan")) for r in rows], lw=1.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"DINO training: {Path(run_dir).name}")
+    fig.tight_layout()
+    out = Path(out or Path(run_dir) / "curves.png")
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

@@ -1,0 +1,106 @@
+"""Shared pieces of the evaluation commands: --weights loading (and the pixel baseline), the feature cache,
+the --json line. Also the helpers the other test_eval_* files use."""
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from dinokit import cli
+from dinokit.data.sources import open_source
+from dinokit.eval import common
+from dinokit.eval.features import MEAN, STD, cls_features
+from dinokit.models.vit import VisionTransformer
+
+
+def tiny_vit(seed: int = 0, **kw) -> VisionTransformer:
+    torch.manual_seed(seed)
+    arch = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3) | kw
+    return VisionTransformer(**arch).eval()
+
+
+def save_vit(model: VisionTransformer, path: Path) -> Path:
+    """dinokit's safetensors export layout: the architecture in the metadata."""
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(path), metadata={"dinokit_arch": json.dumps({"name": "vit", **model.arch()})})
+    return path
+
+
+def write_images(folder: Path, images: dict[str, np.ndarray]) -> Path:
+    """{relative path: uint8 (H, W, 3)} -> PNG files."""
+    for rel, a in images.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a).save(folder / rel)
+    return folder
+
+
+def normalised(img_hwc: np.ndarray) -> torch.Tensor:
+    """The evaluation input of a small image, computed here without dinokit's transform."""
+    x = torch.from_numpy(np.array(img_hwc)).permute(2, 0, 1).float() / 255
+    return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
+def run_cli(argv, capsys) -> tuple[int, dict | None, str]:
+    """Run `dinokit ARGV`; return the exit code, the --json object (last stdout line) and stderr."""
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    result = json.loads(lines[-1]) if code == 0 and "--json" in argv else None
+    return code, result, err
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOKIT_CACHE", str(tmp_path / "cache"))
+
+
+def _args(weights, **kw):
+    return Namespace(weights=str(weights), which="teacher", device="cpu", batch_size=4, num_workers=0,
+                     json=False, quiet=True, **kw)
+
+
+def test_pixels_baseline_is_flattened_unit_pixels():
+    model = common.load_model("pixels")
+    img = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8)
+    x = common.transform_for(model)(img)
+    torch.testing.assert_close(model(x[None])[0], img.flatten().float() / 255)
+    grey = torch.rand(5, 1, 4, 4).expand(-1, 3, -1, -1).flatten(1)
+    colour = torch.rand(5, 48)
+    (g,) = common.Pixels.drop_repeated_channels(grey)
+    assert g.shape == (5, 16)
+    assert [f.shape[1] for f in common.Pixels.drop_repeated_channels(grey, colour)] == [48, 48]
+
+
+def test_missing_weights_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        common.load_model(str(tmp_path / "nope.pth"))
+
+
+def test_cache_hits_same_weights_and_misses_changed_weights(tmp_path):
+    rng = np.random.default_rng(0)
+    data = write_images(tmp_path / "data", {f"{i}.png": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                                            for i in range(6)})
+    (data / "broken.png").write_bytes(b"not a png")
+    source = open_source(str(data))
+    model = tiny_vit()
+    weights = save_vit(model, tmp_path / "w.safetensors")
+    args = _args(weights)
+    f1, kept, skipped = common.cached_features(model, source, args, "cls", cls_features, common.transform_for(model))
+    assert len(kept) == 6 and [source.paths[i] for i, _ in skipped] == [str(data / "broken.png")]
+    expected = model(torch.stack([normalised(np.asarray(Image.open(p))) for p in source.paths if "broken" not in p]))
+    torch.testing.assert_close(f1, expected, atol=1e-5, rtol=0)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+
+    # A cache hit returns the stored tensor, whatever model is passed: prove it by passing another one.
+    other = tiny_vit(seed=1)
+    f2, kept2, skipped2 = common.cached_features(other, source, args, "cls", cls_features, common.transform_for(other))
+    assert torch.equal(f1, f2) and kept2 == kept and len(skipped2) == 1
+    # New content at the same path: a new key, fresh features.
+    save_vit(other, weights)
+    f3, _, _ = common.cached_features(other, source, args, "cls", cls_features, common.transform_for(other))
+    assert not torch.allclose(f1, f3)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2

@@ -1,0 +1,173 @@
+"""`dinokit export`: every format reloads (load_backbone, timm, transformers, onnxruntime) to the same features."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from dinokit.cli import main
+from dinokit.models import DINOHead, MultiCropWrapper, convnet, load_backbone
+from dinokit.models.export import TraceableViT, bicubic_matrix, export_backbone, onnx_max_difference
+from dinokit.models.vit import VisionTransformer
+
+
+def jitter(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Randomise the tensors that start constant (biases, norms, BatchNorm statistics), so that a misplaced
+    tensor changes the output; weight matrices are random already."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("running_var"):
+                t.uniform_(0.5, 1.5, generator=g)
+            elif t.is_floating_point() and t.ndim <= 1:
+                t.add_(0.1 * torch.randn(t.shape, generator=g))
+    return model.eval()
+
+
+def tiny_vit(seed: int = 0) -> VisionTransformer:
+    torch.manual_seed(seed)
+    return jitter(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3), seed)
+
+
+def images(*shape) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def assert_same_features(source, loaded, shapes, atol=1e-4):
+    assert type(loaded) is type(source) and not loaded.training
+    for shape in shapes:
+        x = images(*shape)
+        torch.testing.assert_close(loaded(x), source(x), atol=atol, rtol=0)
+        if isinstance(source, VisionTransformer):
+            torch.testing.assert_close(loaded.forward_features(x), source.forward_features(x), atol=atol, rtol=0)
+
+
+VIT_SHAPES = [(2, 3, 32, 32), (1, 3, 48, 40)]  # the native grid, and a resized position embedding
+
+
+@pytest.mark.parametrize("fmt,name", [("safetensors", "backbone.safetensors"), ("official", "backbone.pth"),
+                                      ("timm", "timm.pth"), ("timm", "timm.safetensors"), ("hf", "hf")])
+def test_vit_export_reloads(tmp_path, fmt, name):
+    model = tiny_vit()
+    out = export_backbone(model, fmt, tmp_path / name)
+    # 48 dims is no standard width: only safetensors (metadata) and hf (config.json) record the 3 heads.
+    heads = 3 if fmt in ("official", "timm") else None
+    assert_same_features(model, load_backbone(out, num_heads=heads), VIT_SHAPES)
+
+
+def test_safetensors_records_the_architecture(tmp_path):
+    model = tiny_vit()
+    export_backbone(model, "safetensors", tmp_path / "vit.safetensors")
+    with safe_open(str(tmp_path / "vit.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["dinokit_arch"]) == {"name": "vit", **model.arch()}
+    resnet = jitter(convnet("resnet18"), 0)
+    export_backbone(resnet, "safetensors", tmp_path / "resnet.safetensors")
+    with safe_open(str(tmp_path / "resnet.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["dinokit_arch"]) == {"name": "resnet18"}
+    assert_same_features(resnet, load_backbone(tmp_path / "resnet.safetensors"), [(2, 3, 64, 64)])
+
+
+def test_official_export_is_a_bare_reference_state_dict(tmp_path):
+    model = tiny_vit()
+    export_backbone(model, "official", tmp_path / "dino.pth")
+    sd = torch.load(tmp_path / "dino.pth", weights_only=True)
+    assert list(sd) == list(model.state_dict())  # no module./backbone. prefixes, no head
+    fresh = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+    fresh.load_state_dict(sd, strict=True)  # what the reference does with its released backbone files
+    assert_same_features(model, fresh.eval(), VIT_SHAPES)
+
+
+def test_timm_loads_the_timm_export(tmp_path):
+    timm = pytest.importorskip("timm")
+    model = tiny_vit()
+    export_backbone(model, "timm", tmp_path / "vit.safetensors")
+    theirs = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=0)
+    timm.models.load_checkpoint(theirs, str(tmp_path / "vit.safetensors"), strict=True)
+    x = images(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval()(x), model(x), atol=1e-4, rtol=0)
+
+    resnet = jitter(convnet("resnet18"), 0)
+    export_backbone(resnet, "timm", tmp_path / "resnet18.pth")
+    theirs = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    timm.models.load_checkpoint(theirs, str(tmp_path / "resnet18.pth"), strict=True)
+    x = images(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval()(x), resnet(x), atol=1e-4, rtol=0)
+
+
+def test_transformers_loads_the_hf_export(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_vit()
+    export_backbone(model, "hf", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "vit" and config["num_attention_heads"] == 3
+    hf, info = transformers.ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False,
+                                                     output_loading_info=True)
+    assert not any(info.values()), info  # every tensor used, none missing
+    x = images(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(pixel_values=x).last_hidden_state, model.forward_features(x),
+                                   atol=1e-4, rtol=0)
+
+
+def test_hf_export_refuses_convnets(tmp_path):
+    with pytest.raises(ValueError, match="ViTs only"):
+        export_backbone(convnet("resnet18"), "hf", tmp_path / "hf")
+
+
+def test_bicubic_matrix_is_the_reference_resize():
+    grid = torch.randn(1, 5, 7, 7)
+    for n in (1, 3, 7, 8, 12):
+        want = F.interpolate(grid, scale_factor=((n + 0.1) / 7, (n + 0.1) / 7), mode="bicubic")
+        m = bicubic_matrix(n, 7)
+        torch.testing.assert_close(m @ grid[0] @ m.T, want[0], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_traceable_vit_matches_the_model():
+    model = tiny_vit()
+    for shape in [(2, 3, 32, 32), (1, 3, 32, 40), (1, 3, 37, 33), (1, 3, 8, 64), (2, 3, 64, 64)]:
+        x = images(*shape)
+        torch.testing.assert_close(TraceableViT(model)(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_cli_exports_the_student_of_a_training_checkpoint(tmp_path, capsys):
+    teacher, student = tiny_vit(1), tiny_vit(2)
+    ckpt = {"teacher": MultiCropWrapper(teacher, DINOHead(48, 16, hidden_dim=8, bottleneck_dim=4)).state_dict(),
+            "student": {f"module.{k}": v for k, v in
+                        MultiCropWrapper(student, DINOHead(48, 16, hidden_dim=8, bottleneck_dim=4))
+                        .state_dict().items()},
+            "epoch": 3}
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    for which, source in (("student", student), ("teacher", teacher)):
+        out = tmp_path / f"{which}.safetensors"
+        assert main(["export", "--weights", str(tmp_path / "checkpoint.pth"), "--which", which,
+                     "--num-heads", "3", "--format", "safetensors", "--out", str(out)]) == 0
+        assert_same_features(source, load_backbone(out), VIT_SHAPES)
+    assert "wrote student backbone" in capsys.readouterr().out
+
+
+def test_cli_onnx_vit_dynamic_batch_and_size(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    model = tiny_vit()
+    export_backbone(model, "official", tmp_path / "vit.pth")
+    out = tmp_path / "vit.onnx"
+    assert main(["export", "--weights", str(tmp_path / "vit.pth"), "--num-heads", "3", "--format", "onnx",
+                 "--out", str(out)]) == 0
+    assert "onnxruntime vs PyTorch" in capsys.readouterr().out
+    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param != "" for d in dims] == [True, False, True, True]  # B, 3, H, W
+    shapes = [(1, 3, 32, 32), (3, 3, 32, 32), (2, 3, 48, 40), (1, 3, 37, 33), (1, 3, 8, 64), (1, 3, 96, 96)]
+    assert onnx_max_difference(model, out, shapes) < 1e-3
+
+
+def test_onnx_resnet(tmp_path):
+    pytest.importorskip("onnxruntime")
+    resnet = jitter(convnet("resnet18"), 0)
+    out = export_backbone(resnet, "onnx", tmp_path / "resnet18.onnx", image_size=64)
+    assert onnx_max_difference(resnet, out, [(2, 3, 64, 64), (1, 3, 96, 80)]) < 1e-3
