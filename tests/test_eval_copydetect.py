@@ -17,8 +17,8 @@ def test_average_precision_by_hand():
     assert average_precision([1], 1) == pytest.approx((0 + 1 / 2) / 2)
     assert average_precision([], 3) == 0.0
     assert average_precision([0], 2) == 0.5  # the second positive was never retrieved
-    retrieved = torch.tensor([[3, 1, 2], [0, 2, 1]])
-    assert mean_average_precision(retrieved, [{3}, {1}]) == pytest.approx((1.0 + (0 + 1 / 3) / 2) / 2)  # second: positive at rank 2
+    retrieved = torch.tensor([[3, 1, 2], [0, 2, 1]])  # first query: positive at rank 0; second: at rank 2
+    assert mean_average_precision(retrieved, [{3}, {1}]) == pytest.approx((1.0 + (0 + 1 / 3) / 2) / 2)
 
 
 def test_whitening_gives_identity_covariance():

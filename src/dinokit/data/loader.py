@@ -54,8 +54,11 @@ class EpochBatches(Dataset):
 
 
 def epoch_loader(dataset: EpochBatches, num_workers: int) -> DataLoader:
+    # Its own generator: a DataLoader otherwise draws a seed from the global RNG each time it is iterated,
+    # which would shift the student's drop-path draws after a resume.
     return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
-                      persistent_workers=False, prefetch_factor=2 if num_workers else None)
+                      persistent_workers=False, prefetch_factor=2 if num_workers else None,
+                      generator=torch.Generator().manual_seed(dataset.epoch))
 
 
 def iters_per_epoch(n_images: int, batch_size: int) -> int:

@@ -29,18 +29,18 @@ class Pixels(nn.Module):
         (dot products and squared norms all scale by 3) at a third of the k-NN cost."""
         def grey(f):
             d = f.shape[1] // 3
-            return f.shape[1] % 3 == 0 and torch.equal(f[:, :d], f[:, d:2 * d]) and torch.equal(f[:, :d], f[:, 2 * d:])
+            return (f.shape[1] % 3 == 0 and torch.equal(f[:, :d], f[:, d:2 * d])
+                    and torch.equal(f[:, :d], f[:, 2 * d:]))
         if all(grey(f) for f in feature_sets):
             return [f[:, :f.shape[1] // 3].contiguous() for f in feature_sets]
         return list(feature_sets)
 
 
-def add_common_args(p, weights: bool = True):
-    if weights:
-        p.add_argument("--weights", required=True,
-                       help=f"weight file or folder load_backbone reads (ours, official, timm, HF), or '{PIXELS}'")
-        p.add_argument("--which", default="teacher", choices=("teacher", "student"),
-                       help="network to take from a training checkpoint (the paper evaluates the teacher)")
+def add_common_args(p):
+    p.add_argument("--weights", required=True,
+                   help=f"weight file or folder load_backbone reads (ours, official, timm, HF), or '{PIXELS}'")
+    p.add_argument("--which", default="teacher", choices=("teacher", "student"),
+                   help="network to take from a training checkpoint (the paper evaluates the teacher)")
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1, mps")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-workers", type=int, default=0, help="image decoding processes")
@@ -55,7 +55,10 @@ def pick_device(name: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA GPU is available here")
     return device

@@ -19,16 +19,9 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .vit import VisionTransformer
-from .weights import _resnet_name, load_backbone, reference_to_hf
+from .weights import backbone_arch, load_backbone, reference_to_hf
 
 FORMATS = ("safetensors", "onnx", "official", "timm", "hf")
-
-
-def backbone_arch(model: nn.Module) -> dict:
-    """What `build_backbone` needs to rebuild `model`."""
-    if isinstance(model, VisionTransformer):
-        return {"name": "vit", **model.arch()}
-    return {"name": _resnet_name(model.state_dict())}
 
 
 def _tensors(model: nn.Module) -> dict:

@@ -219,6 +219,13 @@ def build_backbone(arch: dict) -> nn.Module:
     raise ValueError(f"unknown backbone {name!r}")
 
 
+def backbone_arch(model: nn.Module) -> dict:
+    """What `build_backbone` needs to rebuild `model` (saved beside its weights)."""
+    if isinstance(model, VisionTransformer):
+        return {"name": "vit", **model.arch()}
+    return {"name": model.arch_name}
+
+
 def backbone_state_dict(obj: dict, which: str = "teacher") -> tuple[dict, dict | None]:
     """The backbone's reference-named tensors inside any supported layout, and its arch if recorded."""
     arch = None

@@ -27,6 +27,7 @@ from ..loss import DINOLoss
 from ..models.convnets import convnet
 from ..models.heads import DINOHead, MultiCropWrapper
 from ..models.vit import VIT_SIZES, VisionTransformer
+from ..models.weights import backbone_arch
 from .checkpoint import load_latest, save_checkpoint
 from .config import Config, resolve_precision
 from .monitor import CollapseWatch, MetricsLog, plot_curves, teacher_stats
@@ -40,13 +41,6 @@ def build_backbone(cfg: Config, drop_path_rate: float) -> nn.Module:
         return VisionTransformer(img_size=cfg.global_crop_size, patch_size=cfg.patch_size, embed_dim=dim,
                                  depth=depth, num_heads=heads, drop_path_rate=drop_path_rate)
     return convnet(cfg.arch)
-
-
-def backbone_arch(backbone: nn.Module) -> dict:
-    """What `models.weights.build_backbone` needs to rebuild this backbone."""
-    if isinstance(backbone, VisionTransformer):
-        return {"name": "vit", **backbone.arch()}
-    return {"name": backbone.arch_name}
 
 
 def build_models(cfg: Config):
@@ -330,7 +324,14 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
                dynamic_ncols=True)
     last_loss, window_images, window_start = float("nan"), 0, time.perf_counter()
 
+    def diverged(what):
+        return FloatingPointError(
+            f"{what} at step {trainer.step}: stopping; the last good checkpoint in {run_dir} is left as it "
+            "was. Lower lr, raise warmup_epochs, or use precision=fp32.")
+
     def checkpoint():
+        if not all(bool(torch.isfinite(p).all()) for p in trainer.student.parameters()):
+            raise diverged("the student's weights are no longer finite")
         if main_process:
             save_checkpoint(trainer.state(cfg.to_dict(), {"skipped": len(reported)}), run_dir)
 
@@ -356,9 +357,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
                 if device.type == "cpu" or log_now:
                     last_loss = loss.item()
                     if not math.isfinite(last_loss):
-                        raise FloatingPointError(
-                            f"loss is {last_loss} at step {trainer.step}: stopping; the last good checkpoint in "
-                            f"{run_dir} is left as it was. Lower lr, raise warmup_epochs, or use precision=fp32.")
+                        raise diverged(f"the loss is {last_loss}")
                 if log_now:
                     if dist.is_initialized():  # every logged number is the mean over processes
                         vals = torch.tensor([last_loss, *stats.values()], device=device)

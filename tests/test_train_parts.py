@@ -1,0 +1,184 @@
+"""The pieces of the training step, each against its definition."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import dinokit
+from dinokit.data.multicrop import MultiCrop, gaussian_blur, uniform
+from dinokit.train.config import Config, resolve
+from dinokit.train.engine import Schedules, Trainer, build_models, clip_gradients_, ema_update_, param_groups
+from dinokit.train.monitor import CollapseWatch
+
+TINY = dict(arch="vit", patch_size=4, embed_dim=32, depth=2, num_heads=2, out_dim=64, head_hidden_dim=48,
+            bottleneck_dim=16, global_crop_size=16, local_crop_size=8, local_crops_number=2, batch_size=8,
+            epochs=2, warmup_epochs=1, precision="fp32")
+
+
+def tiny_config(**kw) -> Config:
+    return Config(**{**TINY, **kw}).validate()
+
+
+def test_ema_update_matches_formula():
+    torch.manual_seed(0)
+    teacher, student = nn.Linear(3, 4), nn.Linear(3, 4)
+    before = [p.clone() for p in teacher.parameters()]
+    ema_update_(teacher, student, 0.9)
+    for t0, t1, s in zip(before, teacher.parameters(), student.parameters()):
+        torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * s, rtol=0, atol=1e-7)
+
+
+def test_clip_is_per_parameter():
+    a, b = nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(3))
+    a.grad = torch.full((10,), 5.0)  # norm 15.8: scaled to 3
+    b.grad = torch.tensor([0.1, 0.2, 0.2])  # norm 0.3: untouched
+    clip_gradients_([a, b], 3.0)
+    assert a.grad.norm().item() == pytest.approx(3.0, rel=1e-5)
+    torch.testing.assert_close(a.grad / a.grad[0], torch.ones(10))  # direction kept
+    torch.testing.assert_close(b.grad, torch.tensor([0.1, 0.2, 0.2]))
+
+
+def test_param_groups_exclude_biases_and_1d():
+    student, _ = build_models(tiny_config())
+    decay, no_decay = param_groups(student)
+    names = {id(p): n for n, p in student.named_parameters()}
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert all(names[id(p)].endswith(".bias") or p.ndim == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+    # the frozen weight-norm gain (norm_last_layer) is not trained at all
+    assert all(names[id(p)] != "head.last_layer.weight_g" for p in decay["params"] + no_decay["params"])
+
+
+def test_teacher_starts_as_student_and_gets_no_gradient():
+    student, teacher = build_models(tiny_config(drop_path_rate=0.1))
+    for (n, s), t in zip(student.state_dict().items(), teacher.state_dict().values()):
+        assert torch.equal(s, t), n
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_schedules_equal_reference_layout_without_budget():
+    cfg = tiny_config(lr=0.001, epochs=5, warmup_epochs=2, min_lr=1e-6, batch_size=512)
+    s = Schedules.build(cfg, total_steps=5 * 7, steps_per_epoch=7, world_batch=512)
+    np.testing.assert_array_equal(s.lr, dinokit.cosine_schedule(0.001 * 512 / 256, 1e-6, 5, 7, 2))
+    np.testing.assert_array_equal(s.momentum, dinokit.cosine_schedule(cfg.momentum_teacher, 1.0, 5, 7))
+    np.testing.assert_array_equal(s.wd, dinokit.cosine_schedule(0.04, 0.4, 5, 7))
+    assert s.freeze_last_layer_steps == 7
+
+
+def test_budgeted_schedules_keep_warmup_fractions():
+    cfg = tiny_config(epochs=10, warmup_epochs=2, warmup_teacher_temp_epochs=5, warmup_teacher_temp=0.04,
+                      teacher_temp=0.07)
+    s = Schedules.build(cfg, total_steps=50, steps_per_epoch=10, world_batch=8)  # half the configured run
+    assert len(s.lr) == 50 and s.lr.argmax() == 9  # warm-up: 20% of the run
+    assert s.teacher_temp[0] == pytest.approx(0.04) and s.teacher_temp[24] == pytest.approx(0.07)
+    assert s.freeze_last_layer_steps == 5
+
+
+def run_steps(cfg, n, freeze_steps=None):
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, torch.device("cpu"), steps_per_epoch=4, total_steps=8)
+    if freeze_steps is not None:
+        trainer.sched.freeze_last_layer_steps = freeze_steps
+    mc = MultiCrop(cfg.global_crop_size, cfg.local_crop_size, cfg.local_crops_number)
+    images = (torch.rand(8, 3, 20, 20) * 255).to(torch.uint8)
+    index = torch.arange(8)
+    losses = []
+    for _ in range(n):
+        crops = mc.photometric(mc.geometric(images, index, 0), index, 0)
+        losses.append(trainer.train_step(crops)[0].item())
+    return trainer, losses
+
+
+def test_last_layer_frozen_then_trained():
+    cfg = tiny_config(norm_last_layer=False)
+    torch.manual_seed(0)
+    before = build_models(cfg)[0].head.last_layer.weight_v.clone()
+    frozen, _ = run_steps(cfg, 3, freeze_steps=10)
+    assert torch.equal(frozen.student.head.last_layer.weight_v, before)
+    assert not torch.equal(frozen.student.head.mlp[0].weight, build_models(cfg)[0].head.mlp[0].weight)
+    free, _ = run_steps(cfg, 3, freeze_steps=0)
+    assert not torch.equal(free.student.head.last_layer.weight_v, before)
+
+
+def test_teacher_follows_student_by_ema():
+    trainer, _ = run_steps(tiny_config(), 3)
+    diff = [(t - s).abs().max().item() for t, s in zip(trainer.teacher.parameters(), trainer.student.parameters())]
+    assert max(diff) > 0  # the teacher lags behind
+
+
+def test_multicrop_shapes_ranges_and_determinism():
+    mc = MultiCrop(global_size=24, local_size=10, local_crops=3, seed=5)
+    images = (torch.rand(6, 3, 30, 40) * 255).to(torch.uint8)
+    index = torch.arange(100, 106)
+    geo = mc.geometric(images, index, epoch=2)
+    assert [tuple(g.shape) for g in geo] == [(6, 3, 24, 24)] * 2 + [(6, 3, 10, 10)] * 3
+    assert all(g.min() >= 0 and g.max() <= 1 for g in geo)
+    out = mc.photometric(geo, index, epoch=2)
+    lo = (0 - torch.tensor(mc_mean())) / torch.tensor(mc_std())
+    hi = (1 - torch.tensor(mc_mean())) / torch.tensor(mc_std())
+    for x in out:
+        assert torch.all(x >= lo.view(1, 3, 1, 1) - 1e-5) and torch.all(x <= hi.view(1, 3, 1, 1) + 1e-5)
+    # the same sample gets the same crops whatever batch it is in
+    again = mc.photometric(mc.geometric(images[3:5], index[3:5], 2), index[3:5], 2)
+    for a, b in zip(out, again):
+        torch.testing.assert_close(a[3:5], b, rtol=0, atol=1e-6)
+    # another epoch, other crops; images of mixed sizes go through the same rule
+    other = mc.geometric(images, index, epoch=3)
+    assert not torch.equal(other[0], geo[0])
+    mixed = mc.geometric([images[0], images[1, :, :20, :30]], index[:2], 2)
+    torch.testing.assert_close(mixed[0][0], geo[0][0])
+
+
+def mc_mean():
+    from dinokit.data.multicrop import MEAN
+    return MEAN
+
+
+def mc_std():
+    from dinokit.data.multicrop import STD
+    return STD
+
+
+def test_counter_rng_is_uniform_and_keyed():
+    u = uniform(0, 0, torch.arange(200_000), 7)
+    assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.std().item() - (1 / 12) ** 0.5) < 0.005
+    assert not torch.equal(u[:100], uniform(0, 0, torch.arange(100), 8))
+    assert not torch.equal(u[:100], uniform(1, 0, torch.arange(100), 7))
+
+
+def test_blur_zero_sigma_is_identity_and_blur_preserves_mean():
+    x = torch.rand(2, 3, 16, 16)
+    y = gaussian_blur(x, torch.tensor([0.0, 1.5]))
+    torch.testing.assert_close(y[0], x[0])
+    assert (y[1] - x[1]).abs().max() > 0.01
+    assert y[1].mean().item() == pytest.approx(x[1].mean().item(), abs=0.02)
+
+
+def test_config_refuses_bad_keys_and_values(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key 'learning_rate'"):
+        resolve(sets=["learning_rate=0.1"])
+    with pytest.raises(ValueError, match="teacher_temp"):
+        resolve(sets=["teacher_temp=-1"])
+    with pytest.raises(ValueError, match="batch_size must be int"):
+        resolve(sets=["batch_size=many"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        resolve(preset="nope")
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 0.01\nepochs: 3\n")
+    cfg = resolve(preset="fmnist-cpu", file=str(f), sets=["epochs=4"])
+    assert cfg.lr == 0.01 and cfg.epochs == 4 and cfg.embed_dim == 192
+
+
+def test_collapse_watch_names_each_collapse():
+    k = 1000
+    watch = CollapseWatch(k, patience=3)
+    uniform_m = dict(kl=1e-5, teacher_entropy=0.99 * np.log(k), batch_entropy=np.log(k))
+    assert [watch.update(uniform_m) for _ in range(2)] == [None, None]
+    assert "uniform" in watch.update(uniform_m)
+    one = dict(kl=1e-5, teacher_entropy=0.01, batch_entropy=0.01)
+    watch = CollapseWatch(k, patience=3)
+    msgs = [watch.update(one) for _ in range(3)]
+    assert msgs[-1] and "same prototype" in msgs[-1]
+    healthy = dict(kl=0.5, teacher_entropy=2.0, batch_entropy=6.0)
+    watch = CollapseWatch(k, patience=3)
+    assert all(watch.update(healthy) is None for _ in range(10))

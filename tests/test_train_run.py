@@ -1,0 +1,152 @@
+"""Whole training runs on small real data: determinism, resume, bad files, NaN guard, learning."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dinokit import knn_classify, load_backbone
+from dinokit.data.sources import open_source
+from dinokit.eval.features import extract_features
+from dinokit.models.weights import safe_load
+from dinokit.train.config import Config
+from dinokit.train.engine import train
+
+TINY = dict(arch="vit", patch_size=4, embed_dim=32, depth=2, num_heads=2, out_dim=64, head_hidden_dim=48,
+            bottleneck_dim=16, global_crop_size=16, local_crop_size=8, local_crops_number=2, batch_size=8,
+            epochs=2, warmup_epochs=1, precision="fp32", log_every=1, save_every_steps=2, drop_path_rate=0.1)
+
+
+def write_fmnist_pngs(folder, split, n, offset=0):
+    """n Fashion-MNIST images as PNG files in class sub-folders: a real image folder."""
+    src = open_source(f"fashion-mnist:{split}")
+    for i in range(offset, offset + n):
+        d = folder / f"class{src.labels[i]}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(src.images[i, 0].numpy()).save(d / f"{i:05d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory):
+    return write_fmnist_pngs(tmp_path_factory.mktemp("fm"), "train", 48)
+
+
+def teacher_state(run_dir):
+    return safe_load(run_dir / "checkpoint.pt")["teacher"]
+
+
+def test_seeded_runs_are_identical_and_resume_is_exact(small_folder, tmp_path):
+    cfg = Config(**TINY, data=str(small_folder)).validate()  # 6 steps per epoch, 12 in all
+    train(cfg, tmp_path / "a", max_steps=9, progress=False)
+    train(cfg, tmp_path / "b", max_steps=9, progress=False)
+    train(cfg, tmp_path / "c", max_steps=5, progress=False)  # stops mid-epoch (epoch 0, batch 5)
+    summary = train(cfg, tmp_path / "c", resume=True, max_steps=4, progress=False)
+    assert summary["step"] == 9
+    a, b, c = (teacher_state(tmp_path / x) for x in "abc")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], c[k]), k
+    ckpt = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)  # the plain loader reads it
+    assert {"student", "teacher", "optimizer", "epoch", "dino_loss"} <= set(ckpt)
+    assert torch.equal(ckpt["dino_loss"]["center"], safe_load(tmp_path / "a" / "checkpoint.pt")["dino_loss"]["center"])
+    rows = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 10))
+    for key in ("loss", "lr", "wd", "momentum", "teacher_temp", "teacher_entropy", "kl", "center_norm",
+                "images_per_s", "skipped"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert (tmp_path / "c" / "curves.png").stat().st_size > 0
+    assert (tmp_path / "c" / "config.yaml").read_text().count("embed_dim: 32") == 1
+    assert load_backbone(tmp_path / "c" / "checkpoint.pt").embed_dim == 32
+
+
+def test_existing_run_is_not_overwritten(small_folder, tmp_path):
+    cfg = Config(**TINY, data=str(small_folder)).validate()
+    train(cfg, tmp_path / "r", max_steps=1, progress=False)
+    before = (tmp_path / "r" / "checkpoint.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, tmp_path / "r", max_steps=1, progress=False)
+    assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == before
+
+
+def test_bad_files_are_skipped_once_and_counted(small_folder, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for p in list(small_folder.rglob("*.png"))[:20]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    good = Image.open(next(folder.glob("*.png"))).convert("RGB").resize((40, 40))
+    good.save(folder / "ok_big.jpg")
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image at all")
+    full = (folder / "ok_big.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(full[: len(full) // 3])
+    good.convert("CMYK").save(folder / "cmyk.jpg")
+    good.convert("P").save(folder / "palette.png")
+    good.convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray((np.random.rand(30, 30) * 65535).astype(np.uint16)).save(folder / "deep16.png")
+    good.resize((5, 5)).save(folder / "tiny.png")  # smaller than a crop: upsampled
+    cfg = Config(**{**TINY, "batch_size": 4}, data=str(folder)).validate()
+    summary = train(cfg, tmp_path / "run", max_steps=14, progress=False)  # > 1 epoch: bad files seen twice
+    assert summary["step"] == 14
+    skipped = (tmp_path / "run" / "skipped.txt").read_text().splitlines()
+    names = sorted(line.split("\t")[0].rsplit("/", 1)[-1] for line in skipped)
+    assert names == ["text.jpg", "truncated.jpg", "zero.png"]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped"] == 3
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(small_folder, tmp_path):
+    cfg = Config(**{**TINY, "lr": 1e36, "clip_grad": 0.0, "save_every_steps": 1},
+                 data=str(small_folder)).validate()  # lr 0 at step 0 (warm-up), then enormous
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        train(cfg, tmp_path / "r", max_steps=12, progress=False)
+    ckpt = safe_load(tmp_path / "r" / "checkpoint.pt")
+    assert ckpt["dinokit"]["step"] >= 1
+    assert all(torch.isfinite(v).all() for v in ckpt["student"].values())
+
+
+def test_cli_errors_are_clear(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "dinokit", "train", *args], capture_output=True, text=True)
+    r = cli("--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = cli("--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "lr=fast")
+    assert r.returncode == 2 and "lr must be float" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = cli("--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "no image files" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def knn_top1(model, train_src, test_src):
+    ftr, kept_tr, _ = extract_features(model, train_src, progress=False)
+    fte, kept_te, _ = extract_features(model, test_src, progress=False)
+    ytr = torch.tensor([train_src.labels[i] for i in kept_tr])
+    yte = torch.tensor([test_src.labels[i] for i in kept_te])
+    return knn_classify(F.normalize(ftr, dim=1), ytr, F.normalize(fte, dim=1), yte, 20, 0.07, 10)[0]
+
+
+def test_training_learns_fashion_mnist_features(tmp_path):
+    """A short CPU run on 2,000 real images: the loss falls and the teacher's k-NN beats its initial value."""
+    train_dir = write_fmnist_pngs(tmp_path / "train", "train", 2000)
+    test_dir = write_fmnist_pngs(tmp_path / "test", "test", 500)
+    cfg = Config(**{**TINY, "embed_dim": 64, "depth": 3, "num_heads": 4, "out_dim": 1024, "head_hidden_dim": 256,
+                    "bottleneck_dim": 64, "global_crop_size": 28, "local_crop_size": 12, "batch_size": 64,
+                    "epochs": 6, "warmup_epochs": 1, "lr": 0.002, "momentum_teacher": 0.99,
+                    "teacher_temp": 0.06, "warmup_teacher_temp_epochs": 1, "save_every_steps": 1000,
+                    "log_every": 5, "drop_path_rate": 0.0}, data=str(train_dir)).validate()
+    train(cfg, tmp_path / "run", max_steps=1, progress=False)
+    train_src, test_src = open_source(str(train_dir)), open_source(str(test_dir))
+    torch.manual_seed(0)
+    init = knn_top1(load_backbone(tmp_path / "run" / "checkpoint.pt"), train_src, test_src)
+    train(cfg, tmp_path / "run", resume=True, progress=False)
+    final = knn_top1(load_backbone(tmp_path / "run" / "checkpoint.pt"), train_src, test_src)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
+    print(f"k-NN top-1 {init:.1f} -> {final:.1f}; loss {first:.3f} -> {last:.3f}")
+    assert last < first - 0.3
+    assert final > init + 3.0
