@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from dinokit.models.vit import VisionTransformer
+
 PARITY = Path(__file__).resolve().parents[1].parent / "shared" / "parity"
 
 
@@ -36,3 +38,21 @@ def parity(request):
     meta = json.loads((request.param / "meta.json").read_text())
     arrays = np.load(request.param / "arrays.npz")
     return meta, {k: torch.from_numpy(arrays[k]) for k in arrays.files}
+
+
+def jitter(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Randomise the tensors that start constant (biases, norms, BatchNorm statistics), so that a misplaced
+    tensor changes the output; weight matrices are random already."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("running_var"):
+                t.uniform_(0.5, 1.5, generator=g)
+            elif t.is_floating_point() and t.ndim <= 1:
+                t.add_(0.1 * torch.randn(t.shape, generator=g))
+    return model.eval()
+
+
+def tiny_vit(seed: int = 0) -> VisionTransformer:
+    torch.manual_seed(seed)
+    return jitter(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3), seed)

@@ -1,7 +1,9 @@
 """Whole training runs on small real data: determinism, resume, bad files, NaN guard, learning."""
 import json
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dinokit import knn_classify, load_backbone
+from dinokit.cli import main as cli_main
 from dinokit.data.sources import open_source
 from dinokit.eval.features import extract_features
 from dinokit.models.weights import safe_load
@@ -73,7 +76,15 @@ def test_existing_run_is_not_overwritten(small_folder, tmp_path):
     assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == before
 
 
-def test_bad_files_are_skipped_once_and_counted(small_folder, tmp_path):
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header announces width x height pixels (and holds none): how a decompression bomb opens."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_bad_files_are_skipped_once_and_counted(small_folder, tmp_path, capsys):
     folder = tmp_path / "mixed"
     folder.mkdir()
     for p in list(small_folder.rglob("*.png"))[:20]:
@@ -89,14 +100,51 @@ def test_bad_files_are_skipped_once_and_counted(small_folder, tmp_path):
     good.convert("RGBA").save(folder / "rgba.png")
     Image.fromarray((np.random.rand(30, 30) * 65535).astype(np.uint16)).save(folder / "deep16.png")
     good.resize((5, 5)).save(folder / "tiny.png")  # smaller than a crop: upsampled
+    Image.new("L", (4200, 4200), 128).save(folder / "huge.png")  # larger than MAX_SIDE: shrunk on decode
+    (folder / "bomb.png").write_bytes(png_claiming(30000, 30000))  # too many pixels: refused unopened
+    bad = ["bomb.png", "text.jpg", "truncated.jpg", "zero.png"]
     cfg = Config(**{**TINY, "batch_size": 4}, data=str(folder)).validate()
+    capsys.readouterr()
     summary = train(cfg, tmp_path / "run", max_steps=14, progress=False)  # > 1 epoch: bad files seen twice
     assert summary["step"] == 14
     skipped = (tmp_path / "run" / "skipped.txt").read_text().splitlines()
     names = sorted(line.split("\t")[0].rsplit("/", 1)[-1] for line in skipped)
-    assert names == ["text.jpg", "truncated.jpg", "zero.png"]
+    assert names == bad
+    assert "too many pixels" in next(line for line in skipped if line.startswith(str(folder / "bomb.png")))
+    err = capsys.readouterr().err
+    assert [err.count(f"skipped {folder / name}:") for name in bad] == [1] * len(bad)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["skipped"] == 3
+    assert rows[-1]["skipped"] == len(bad)
+
+    # The evaluation commands read the same folder: the good files are embedded, the bad ones reported once.
+    out = tmp_path / "feats.safetensors"
+    assert cli_main(["embed", "--weights", str(tmp_path / "run" / "checkpoint.pt"), "--data", str(folder),
+                     "--out", str(out), "--json", "--no-cache", "--batch-size", "8"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.splitlines()[-1])
+    n_files = len(list(folder.iterdir()))
+    assert result["skipped"] == len(bad) and result["shape"] == [n_files - len(bad), 32]
+    assert [captured.err.count(f"skipped {folder / name}:") for name in bad] == [1] * len(bad)
+    assert "huge.png" in out.with_suffix(".txt").read_text()
+
+
+def test_unreadable_folder_and_wrong_path_are_clear_errors(tmp_path, capsys):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for i in range(10):
+        (folder / f"{i}.png").write_bytes(b"" if i % 2 else b"not an image")
+    cfg = Config(**{**TINY, "batch_size": 4}, data=str(folder)).validate()
+    with pytest.raises(ValueError, match=f"no readable image in {folder}: every one of its 10 files was skipped"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert cli_main(["embed", "--weights", "pixels", "--data", str(folder), "--out", str(tmp_path / "f.npy"),
+                     "--no-cache", "--quiet"]) == 2
+    assert "no readable images" in capsys.readouterr().err
+    # A wrong --data is reported before anything else is read, even the run's checkpoint on --resume.
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"would be reported as broken if it were read")
+    assert cli_main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"data folder {tmp_path / 'nowhere'} does not exist" in err and "checkpoint" not in err
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(small_folder, tmp_path):

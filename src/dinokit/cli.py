@@ -5,7 +5,9 @@ import sys
 
 # Modules with `register(subparsers)`, which adds a parser whose `func(args)` runs the command.
 COMMANDS = [
+    "dinokit.demo",
     "dinokit.train.command",
+    "dinokit.train.bench",
     "dinokit.models.command",
     "dinokit.models.export",
     "dinokit.eval.search",
@@ -16,6 +18,7 @@ COMMANDS = [
     "dinokit.eval.vidseg",
     "dinokit.eval.davis_synth",
     "dinokit.eval.copydetect",
+    "dinokit.eval.retrieve",
 ]
 
 

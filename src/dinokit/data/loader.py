@@ -61,6 +61,17 @@ def epoch_loader(dataset: EpochBatches, num_workers: int) -> DataLoader:
                       generator=torch.Generator().manual_seed(dataset.epoch))
 
 
+def any_readable(source) -> bool:
+    """Whether at least one image of the source decodes; stops at the first that does."""
+    for i in range(len(source)):
+        try:
+            source.read(i)
+            return True
+        except BadImage:
+            pass
+    return False
+
+
 def iters_per_epoch(n_images: int, batch_size: int) -> int:
     if n_images < batch_size:
         raise ValueError(f"the data has {n_images} images, fewer than one batch of {batch_size}")

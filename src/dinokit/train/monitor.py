@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -19,6 +20,9 @@ def teacher_stats(teacher_out: torch.Tensor, center: torch.Tensor, temp: float) 
     p = F.softmax((teacher_out.float() - center) / temp, dim=-1)
     logp = torch.log(p.clamp_min(1e-30))
     mean_p = p.mean(0)
+    if dist.is_available() and dist.is_initialized():  # the mean over the global batch, not this share
+        dist.all_reduce(mean_p)
+        mean_p /= dist.get_world_size()
     return {"teacher_entropy": float(-(p * logp).sum(-1).mean()),
             "batch_entropy": float(-(mean_p * torch.log(mean_p.clamp_min(1e-30))).sum())}
 
