@@ -9,6 +9,7 @@ from dinokit.data.multicrop import MultiCrop, gaussian_blur, uniform
 from dinokit.train.config import Config, resolve
 from dinokit.train.engine import Schedules, Trainer, build_models, clip_gradients_, ema_update_, param_groups
 from dinokit.train.monitor import CollapseWatch
+from dinokit.train.presets import PRESETS
 
 TINY = dict(arch="vit", patch_size=4, embed_dim=32, depth=2, num_heads=2, out_dim=64, head_hidden_dim=48,
             bottleneck_dim=16, global_crop_size=16, local_crop_size=8, local_crops_number=2, batch_size=8,
@@ -166,7 +167,7 @@ def test_config_refuses_bad_keys_and_values(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("lr: 0.01\nepochs: 3\n")
     cfg = resolve(preset="fmnist-cpu", file=str(f), sets=["epochs=4"])
-    assert cfg.lr == 0.01 and cfg.epochs == 4 and cfg.embed_dim == 192
+    assert cfg.lr == 0.01 and cfg.epochs == 4 and cfg.embed_dim == PRESETS["fmnist-cpu"]["embed_dim"]
 
 
 def test_collapse_watch_names_each_collapse():

@@ -93,7 +93,11 @@ def count_flops(trainer: Trainer, batches, multicrop: MultiCrop) -> tuple[int, i
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:  # this process's peak RSS; getrusage's ru_maxrss also keeps the peak of a parent that exec'd us
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def benchmark(cfg, steps: int = 10, warmup: int = 3) -> dict:

@@ -3,7 +3,6 @@
 Read `train_step` first: it is the method. The rest builds the models, lays out the schedules, moves
 through the data, and keeps the run safe (checkpoints, resume, signals, NaN guard).
 """
-import copy
 import json
 import math
 import os
@@ -22,8 +21,12 @@ import yaml
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
+try:  # torch >= 2.6
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch 2.4 and 2.5 (the project supports torch >= 2.4)
+    from torch.distributed._composable.fsdp import fully_shard
+    from torch.distributed._tensor import DTensor
 from tqdm import tqdm
 
 from ..data.loader import EpochBatches, any_readable, epoch_loader, iters_per_epoch

@@ -7,13 +7,13 @@ PRESETS = {
     "paper": {},
     # A small ViT for 28 x 28 images (Fashion-MNIST) on a CPU.
     "fmnist-cpu": {
-        "arch": "vit", "patch_size": 4, "embed_dim": 192, "depth": 4, "num_heads": 3, "drop_path_rate": 0.0,
-        "out_dim": 4096, "head_hidden_dim": 1024, "bottleneck_dim": 128,
-        "global_crop_size": 28, "local_crop_size": 12, "local_crops_number": 4,
-        "global_crops_scale": [0.25, 1.0], "local_crops_scale": [0.05, 0.25],
-        "warmup_teacher_temp": 0.04, "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 1,
-        "momentum_teacher": 0.99, "lr": 0.002, "warmup_epochs": 1, "min_lr": 1e-5,
-        "epochs": 10, "batch_size": 128, "freeze_last_layer": 0, "log_every": 10, "save_every_steps": 200,
+        "arch": "vit", "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3, "drop_path_rate": 0.0,
+        "out_dim": 1024, "head_hidden_dim": 256, "bottleneck_dim": 64,
+        "global_crop_size": 28, "local_crop_size": 16, "local_crops_number": 2,
+        "global_crops_scale": [0.3, 1.0], "local_crops_scale": [0.2, 0.5],
+        "warmup_teacher_temp": 0.04, "teacher_temp": 0.04, "momentum_teacher": 0.996,
+        "lr": 0.005, "warmup_epochs": 1, "min_lr": 1e-5, "epochs": 10, "batch_size": 64, "freeze_last_layer": 0,
+        "log_every": 20, "save_every_steps": 500,
     },
     # The paper code's recipe at the scale of issue benchmarks: ViT dim 192, depth 4, patch 4, 2 x 28 + 4 x 12.
     "bench-cpu": {
