@@ -13,11 +13,10 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..data.loader import EpochBatches, epoch_loader, iters_per_epoch
+from ..data.loader import EpochBatches, epoch_loader
 from ..data.multicrop import MultiCrop
-from ..data.sources import open_source
 from .config import resolve
-from .engine import Trainer, ema_update_, pick_device
+from .engine import Trainer, build_data, ema_update_, pick_device
 from .presets import PRESETS
 
 PARTS = ("data", "teacher", "student", "optimizer", "ema")
@@ -103,10 +102,7 @@ def peak_memory_mib(device: torch.device) -> float:
 def benchmark(cfg, steps: int = 10, warmup: int = 3) -> dict:
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    source = open_source(cfg.data)
-    steps_per_epoch = iters_per_epoch(len(source), cfg.batch_size)
-    multicrop = MultiCrop(cfg.global_crop_size, cfg.local_crop_size, cfg.local_crops_number,
-                          cfg.global_crops_scale, cfg.local_crops_scale, seed=cfg.seed)
+    source, steps_per_epoch, multicrop = build_data(cfg)
     total_steps = cfg.epochs * steps_per_epoch
     trainer = Trainer(cfg, device, steps_per_epoch, total_steps)
     # Time steps after the last layer's freeze: the whole run but its first epoch trains every parameter.

@@ -322,6 +322,14 @@ class StopRequested:
             signal.signal(sig, handler)
 
 
+def build_data(cfg: Config):
+    """The image source, its steps per epoch at the global batch, and the multi-crop augmentation."""
+    source = open_source(cfg.data)
+    multicrop = MultiCrop(cfg.global_crop_size, cfg.local_crop_size, cfg.local_crops_number,
+                          cfg.global_crops_scale, cfg.local_crops_scale, seed=cfg.seed)
+    return source, iters_per_epoch(len(source), cfg.batch_size), multicrop
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if dist.is_initialized() and torch.cuda.is_available():
@@ -381,10 +389,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
         raise ValueError(f"the global batch {cfg.batch_size} does not split evenly over {world} processes")
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    source = open_source(cfg.data)
-    steps_per_epoch = iters_per_epoch(len(source), cfg.batch_size)
-    multicrop = MultiCrop(cfg.global_crop_size, cfg.local_crop_size, cfg.local_crops_number,
-                          cfg.global_crops_scale, cfg.local_crops_scale, seed=cfg.seed)
+    source, steps_per_epoch, multicrop = build_data(cfg)
     total_steps = cfg.epochs * steps_per_epoch if ckpt is None else int(ckpt["dinokit"]["total_steps"])
     started = time.time()
     if ckpt is None and time_budget is not None:
