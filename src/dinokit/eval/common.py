@@ -49,9 +49,10 @@ def add_common_args(p):
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """`auto`: this process's GPU (LOCAL_RANK's under torchrun), else Apple's MPS, else the CPU."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")

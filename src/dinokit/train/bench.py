@@ -16,7 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..data.loader import EpochBatches, epoch_loader
 from ..data.multicrop import MultiCrop
 from .config import resolve
-from .engine import Trainer, build_data, ema_update_, pick_device
+from ..eval.common import pick_device
+from .engine import Trainer, build_data, ema_update_
 from .presets import PRESETS
 
 PARTS = ("data", "teacher", "student", "optimizer", "ema")

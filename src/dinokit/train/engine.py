@@ -32,6 +32,7 @@ from tqdm import tqdm
 from ..data.loader import EpochBatches, any_readable, epoch_loader, iters_per_epoch
 from ..data.multicrop import MultiCrop
 from ..data.sources import open_source
+from ..eval.common import pick_device
 from ..loss import DINOLoss
 from ..models.convnets import convnet
 from ..models.heads import DINOHead, MultiCropWrapper
@@ -328,14 +329,6 @@ def build_data(cfg: Config):
     multicrop = MultiCrop(cfg.global_crop_size, cfg.local_crop_size, cfg.local_crops_number,
                           cfg.global_crops_scale, cfg.local_crops_scale, seed=cfg.seed)
     return source, iters_per_epoch(len(source), cfg.batch_size), multicrop
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if dist.is_initialized() and torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def calibrate(cfg: Config, device, steps_per_epoch: int, batches, multicrop: MultiCrop,
