@@ -154,3 +154,15 @@ def test_onnx_resnet(tmp_path):
     resnet = jitter(convnet("resnet18"), 0)
     out = export_backbone(resnet, "onnx", tmp_path / "resnet18.onnx", image_size=64)
     assert onnx_max_difference(resnet, out, [(2, 3, 64, 64), (1, 3, 96, 80)]) < 1e-3
+
+
+def test_conv_stem_vit_reloads_from_safetensors_and_tensors_alone(tmp_path):
+    model = jitter(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, stem="conv"), 0)
+    assert model.patch_embed(images(1, 3, 32, 32)).shape == (1, 16, 48)  # the patchify grid: 4 x 4
+    out = export_backbone(model, "safetensors", tmp_path / "stem.safetensors")
+    assert_same_features(model, load_backbone(out), VIT_SHAPES)
+    torch.save(model.state_dict(), tmp_path / "bare.pth")  # no recorded arch: the stem is read off the tensors
+    assert_same_features(model, load_backbone(tmp_path / "bare.pth", num_heads=3), VIT_SHAPES)
+    for fmt in ("official", "timm", "hf"):  # their ViTs have one patch projection
+        with pytest.raises(ValueError, match="convolutional stem"):
+            export_backbone(model, fmt, tmp_path / f"x.{fmt}")

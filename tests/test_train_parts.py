@@ -183,3 +183,75 @@ def test_collapse_watch_names_each_collapse():
     healthy = dict(kl=0.5, teacher_entropy=2.0, batch_entropy=6.0)
     watch = CollapseWatch(k, patience=3)
     assert all(watch.update(healthy) is None for _ in range(10))
+
+
+def test_koleo_is_minus_mean_log_nearest_distance_and_spreads_features():
+    from dinokit.loss import koleo_loss
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])  # on the unit circle after normalisation
+    # nearest neighbours: 0 -> 1 (sqrt 2), 1 -> 0 (sqrt 2), 2 -> 1 (sqrt 2)
+    assert koleo_loss(x).item() == pytest.approx(-np.log(np.sqrt(2)), abs=1e-6)
+    torch.manual_seed(0)
+    feats = (torch.randn(32, 8) * 0.05 + torch.ones(8)).requires_grad_()  # huddled together
+    opt = torch.optim.SGD([feats], lr=0.1)
+    before = koleo_loss(feats).item()
+    for _ in range(20):
+        opt.zero_grad()
+        koleo_loss(feats).backward()
+        opt.step()
+    assert koleo_loss(feats).item() < before - 0.5
+
+
+def test_koleo_weight_adds_to_the_loss_and_is_logged():
+    cfg = tiny_config()
+    _, plain = run_steps(cfg, 1)
+    trainer, with_koleo = run_steps(tiny_config(koleo_weight=0.5), 1)
+    assert with_koleo[0] > plain[0]  # same weights and crops: only the KoLeo term differs (it is positive here)
+    mc = MultiCrop(cfg.global_crop_size, cfg.local_crop_size, cfg.local_crops_number)
+    images, index = (torch.rand(8, 3, 20, 20) * 255).to(torch.uint8), torch.arange(8)
+    loss, stats = trainer.train_step(mc.photometric(mc.geometric(images, index, 0), index, 0), with_stats=True)
+    assert stats["koleo"] > 0
+    assert loss.item() == pytest.approx(stats["kl"] + stats["teacher_entropy"] + 0.5 * 2 * stats["koleo"], rel=1e-4)
+
+
+def test_replan_relays_the_schedules_for_a_new_length():
+    torch.manual_seed(0)
+    cfg = tiny_config(epochs=10, warmup_epochs=1)
+    trainer = Trainer(cfg, torch.device("cpu"), steps_per_epoch=4, total_steps=20)
+    trainer.replan(30)
+    expected = Schedules.build(cfg, 30, 4, cfg.batch_size)
+    assert trainer.total_steps == 30 and len(trainer.sched.lr) == 30
+    np.testing.assert_array_equal(trainer.sched.lr, expected.lr)
+    np.testing.assert_array_equal(trainer.sched.momentum, expected.momentum)
+
+
+def test_patch_loss_is_cross_entropy_at_masked_positions_with_its_own_center():
+    from dinokit.loss import PatchLoss
+    torch.manual_seed(0)
+    loss = PatchLoss(out_dim=8, student_temp=0.1, center_momentum=0.9)
+    loss.center.fill_(0.05)
+    teacher = torch.randn(2, 5, 8)
+    masks = torch.zeros(2, 5, dtype=torch.bool)
+    masks[0, 1] = masks[1, 3] = masks[1, 4] = True
+    student = torch.randn(3, 8)
+    got = loss(student, teacher, masks, teacher_temp=0.04)
+    q = torch.softmax((teacher[masks] - 0.05) / 0.04, -1)
+    want = -(q * torch.log_softmax(student / 0.1, -1)).sum(-1).mean()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(loss.center, 0.9 * 0.05 + 0.1 * teacher.reshape(10, 8).mean(0, keepdim=True))
+
+
+@torch.no_grad()
+def test_masked_patches_are_swapped_for_the_mask_token():
+    torch.manual_seed(0)
+    cfg = tiny_config(patch_loss_weight=1.0)
+    student, _ = build_models(cfg)
+    student.eval()
+    student.mask_token.normal_()
+    x = torch.randn(4, 3, 16, 16)
+    out, patches = student(x, return_patches=True)  # no mask: every patch's head output
+    assert patches.shape == (4, 16, cfg.out_dim) and torch.allclose(out, student(x))
+    none = torch.zeros(4, 16, dtype=torch.bool)
+    _, masked_out = student(x, masks=none | (torch.arange(16) == 5))  # patch 5 masked in every image
+    assert masked_out.shape == (4, cfg.out_dim) and not torch.allclose(masked_out, patches[:, 5])
+    tokens = student.backbone.prepare_tokens(x, none | (torch.arange(16) == 5), student.mask_token)
+    torch.testing.assert_close(tokens[:, 6] - student.backbone.pos_embed[:, 6], student.mask_token.expand(4, -1))

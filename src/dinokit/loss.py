@@ -41,3 +41,35 @@ class DINOLoss(nn.Module):
             dist.all_reduce(batch_sum)
             dist.all_reduce(count)
         self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+
+
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """DINOv2's KoLeo regulariser: -mean log distance from each L2-normalised feature to its nearest
+    neighbour in the batch. It spreads the features over the sphere, against dimensional collapse."""
+    x = F.normalize(features.float(), dim=-1, eps=eps)
+    with torch.no_grad():
+        similarity = x @ x.T
+        similarity.fill_diagonal_(-2.0)
+        nearest = similarity.argmax(dim=1)
+    return -torch.log((x - x[nearest]).norm(dim=-1) + eps).mean()
+
+
+class PatchLoss(nn.Module):
+    """iBOT's masked-patch term: the student sees a global view with some patches masked and predicts, at
+    each masked position, the teacher's centred, sharpened distribution for the unmasked patch. Its own
+    running center, over all the teacher's patch outputs."""
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(self, student_masked: torch.Tensor, teacher_patches: torch.Tensor, masks: torch.Tensor,
+                teacher_temp: float) -> torch.Tensor:
+        """student_masked: (M, K) at the M masked positions; teacher_patches: (V, P, K); masks: (V, P)."""
+        teacher_p = F.softmax((teacher_patches[masks].float() - self.center) / teacher_temp, dim=-1).detach()
+        student_logp = F.log_softmax(student_masked.float() / self.student_temp, dim=-1)
+        self.update_center(teacher_patches.detach().flatten(0, 1))
+        return -(teacher_p * student_logp).sum(-1).sum() / max(int(masks.sum()), 1)
+
+    update_center = DINOLoss.update_center

@@ -156,6 +156,9 @@ EXPORTERS = {"safetensors": export_safetensors, "official": export_official, "ti
 def export_backbone(model: nn.Module, fmt: str, out: str | Path, **kwargs):
     if fmt not in EXPORTERS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt in ("official", "timm", "hf") and getattr(model, "stem", "patch") != "patch":
+        raise ValueError(f"this ViT has a convolutional stem, which the {fmt} format's ViT has no place for "
+                         "(it has one patch projection): export it as safetensors or onnx")
     out = Path(out)
     if fmt != "hf":
         out.parent.mkdir(parents=True, exist_ok=True)

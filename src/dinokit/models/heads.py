@@ -53,20 +53,38 @@ class DINOHead(nn.Module):
 
 
 class MultiCropWrapper(nn.Module):
-    """Backbone + head over a list of crops: crops of one resolution share a backbone forward."""
+    """Backbone + head over a list of crops: crops of one resolution share a backbone forward.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    With `mask_token`, it also serves the iBOT patch term (a ViT backbone): the leading group of same-size
+    crops (the global views) can have patches masked, and their patch tokens go through the head too.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, mask_token: bool = False):
         super().__init__()
         self.backbone, self.head = backbone, head
+        self.mask_token = nn.Parameter(torch.zeros(backbone.num_features)) if mask_token else None
 
-    def forward(self, crops):
+    def forward(self, crops, return_features: bool = False, masks: torch.Tensor | None = None,
+                return_patches: bool = False):
+        """Head outputs of every crop's [CLS], crop-major; then, as asked, the backbone's [CLS] features and
+        the head outputs of the global views' patch tokens: those under `masks` (bool, views * B x patches,
+        swapped for the mask token before the backbone), or all of them (views * B, patches, K)."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
-        feats, start = [], 0
+        feats, patches, start = [], None, 0
         while start < len(crops):
             end = start + 1
             while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
                 end += 1
-            feats.append(self.backbone(torch.cat(crops[start:end])))
+            x = torch.cat(crops[start:end])
+            if start == 0 and (return_patches or masks is not None):
+                tokens = self.backbone.forward_features(x, masks, self.mask_token)
+                feats.append(tokens[:, 0])
+                patches = tokens[:, 1:] if masks is None else tokens[:, 1:][masks]
+            else:
+                feats.append(self.backbone(x))
             start = end
-        return self.head(torch.cat(feats))
+        feats = torch.cat(feats)
+        out = [self.head(feats)] + ([feats] if return_features else []) + \
+              ([self.head(patches)] if patches is not None else [])
+        return out[0] if len(out) == 1 else tuple(out)

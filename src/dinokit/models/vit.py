@@ -92,17 +92,41 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # B, patches, dim
 
 
+class ConvStem(nn.Module):
+    """Patches from a stack of 3 x 3 stride-2 convolutions, then a 1 x 1 projection (Xiao et al. 2021,
+    "Early convolutions help transformers see better"): the same token grid as a `patch_size` patchify,
+    with local image structure built in, so that a small ViT learns sooner. Not in the paper's code."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        n = int(math.log2(patch_size))
+        if patch_size < 2 or 2 ** n != patch_size:
+            raise ValueError(f"a convolutional stem needs a power-of-two patch size (got {patch_size})")
+        self.patch_size = patch_size
+        widths = [in_chans] + [max(embed_dim >> (n - i), 8) for i in range(n)]  # doubling up to dim / 2
+        layers = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(a, b, kernel_size=3, stride=2, padding=1), nn.GELU()]
+        self.stem = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(widths[-1], embed_dim, kernel_size=1)
+
+    def forward(self, x):
+        return self.proj(self.stem(x)).flatten(2).transpose(1, 2)
+
+
 class VisionTransformer(nn.Module):
     """ViT with a [CLS] token and learned absolute position embeddings for an `img_size` grid."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path_rate: float = 0.0, eps: float = 1e-6):
+                 drop_path_rate: float = 0.0, eps: float = 1e-6, stem: str = "patch"):
         super().__init__()
-        self.img_size, self.patch_size = img_size, patch_size
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' (the paper's) or 'conv' (got {stem!r})")
+        self.img_size, self.patch_size, self.stem = img_size, patch_size, stem
         self.embed_dim = self.num_features = embed_dim
         self.num_heads = num_heads
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.patch_embed = (PatchEmbed if stem == "patch" else ConvStem)(patch_size, in_chans, embed_dim)
         grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))
@@ -118,7 +142,8 @@ class VisionTransformer(nn.Module):
         """The constructor arguments that fix the parameter shapes (stored beside saved weights)."""
         return dict(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
                     depth=len(self.blocks), num_heads=self.num_heads,
-                    mlp_ratio=self.blocks[0].mlp.fc1.out_features / self.embed_dim)
+                    mlp_ratio=self.blocks[0].mlp.fc1.out_features / self.embed_dim,
+                    **({"stem": self.stem} if self.stem != "patch" else {}))
 
     def interpolate_pos_encoding(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         npatch, n = x.shape[1] - 1, self.pos_embed.shape[1] - 1
@@ -133,15 +158,21 @@ class VisionTransformer(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)
         return torch.cat((self.pos_embed[:, :1], patch_pos), dim=1)
 
-    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None,
+                       mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens (those where the bool `masks` (B, patches) is true swapped for `mask_token`), with
+        [CLS] in front and position embeddings added."""
         B, _, h, w = x.shape
         x = self.patch_embed(x)
+        if masks is not None:
+            x = torch.where(masks[..., None], mask_token.to(x.dtype), x)
         x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
         return x + self.interpolate_pos_encoding(x, h, w)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None,
+                         mask_token: torch.Tensor | None = None) -> torch.Tensor:
         """All final-norm tokens: B, 1 + patches, dim."""
-        x = self.prepare_tokens(x)
+        x = self.prepare_tokens(x, masks, mask_token)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)

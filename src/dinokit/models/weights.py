@@ -188,12 +188,13 @@ def reference_to_hf(sd: dict) -> dict:
 def vit_arch_from_state_dict(sd: dict, num_heads: int | None = None) -> dict:
     """ViT constructor arguments implied by the tensors (heads cannot be seen: the standard sizes' are used)."""
     dim = sd["cls_token"].shape[-1]
-    patch = sd["patch_embed.proj.weight"].shape[-1]
+    stem_convs = sum(1 for k in sd if re.fullmatch(r"patch_embed\.stem\.\d+\.weight", k))
+    patch = 2 ** stem_convs if stem_convs else sd["patch_embed.proj.weight"].shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     grid = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
     return dict(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth,
                 num_heads=num_heads or VIT_HEADS.get(dim, max(dim // 64, 1)),
-                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim)
+                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim, **({"stem": "conv"} if stem_convs else {}))
 
 
 def _resnet_name(sd: dict) -> str:
@@ -242,7 +243,7 @@ def backbone_state_dict(obj: dict, which: str = "teacher") -> tuple[dict, dict |
     if any(k.startswith(("embeddings.", "vit.embeddings.")) for k in sd):
         return hf_to_reference(sd), arch
     sd = _strip(sd, ("module.", "_orig_mod.", "backbone."))
-    sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc.", "fc_norm."))}
+    sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc.", "fc_norm.")) and k != "mask_token"}
     return sd, arch
 
 

@@ -24,6 +24,7 @@ class Config:
     depth: int = 12
     num_heads: int = 6
     drop_path_rate: float = 0.1
+    stem: str = "patch"  # ViT patches: "patch" (one strided conv, the paper's) or "conv" (3 x 3 conv stack)
     # head
     out_dim: int = 65536
     head_hidden_dim: int = 2048
@@ -42,6 +43,9 @@ class Config:
     warmup_teacher_temp_epochs: float = 0
     student_temp: float = 0.1
     center_momentum: float = 0.9
+    koleo_weight: float = 0.0  # DINOv2's KoLeo term on the student's global-crop features; 0: off (the paper)
+    patch_loss_weight: float = 0.0  # iBOT's masked-patch self-distillation term (ViTs); 0: off (the paper)
+    mask_ratio: float = 0.3  # share of a global view's patches the student sees masked, with the patch term
     momentum_teacher: float = 0.996
     # optimisation
     optimizer: str = "adamw"
@@ -72,7 +76,7 @@ class Config:
         errors += [f"{k} must be > 0 (got {getattr(self, k)})" for k in positive if getattr(self, k) <= 0]
         nonneg = ["local_crops_number", "num_workers", "drop_path_rate", "warmup_epochs", "freeze_last_layer",
                   "warmup_teacher_temp_epochs", "lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad",
-                  "keep_every_epochs"]
+                  "keep_every_epochs", "koleo_weight", "patch_loss_weight"]
         errors += [f"{k} must be >= 0 (got {getattr(self, k)})" for k in nonneg if getattr(self, k) < 0]
         for k in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
             if not 0 < getattr(self, k) <= 10:
@@ -90,6 +94,14 @@ class Config:
             for k in ("global_crop_size", "local_crop_size"):
                 if getattr(self, k) < self.patch_size:
                     errors.append(f"{k} {getattr(self, k)} is smaller than patch_size {self.patch_size}")
+        if not 0 < self.mask_ratio < 1:
+            errors.append(f"mask_ratio must be in (0, 1) (got {self.mask_ratio})")
+        if self.patch_loss_weight > 0 and self.arch not in (*VIT_SIZES, "vit"):
+            errors.append("patch_loss_weight needs a ViT (patch tokens)")
+        if self.stem not in ("patch", "conv"):
+            errors.append(f"stem must be 'patch' or 'conv' (got {self.stem!r})")
+        elif self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            errors.append(f"stem 'conv' needs a power-of-two patch_size (got {self.patch_size})")
         if self.optimizer not in ("adamw", "sgd"):
             errors.append(f"optimizer must be adamw or sgd (got {self.optimizer!r})")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):

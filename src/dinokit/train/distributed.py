@@ -65,3 +65,12 @@ def gather(items: list) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, items, group=cpu_group())
     return [x for part in out for x in part]
+
+
+def broadcast_int(value: int) -> int:
+    """Rank 0's value on every process (one plan for all: the schedule's length)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    dist.broadcast(t, 0, group=cpu_group())
+    return int(t)

@@ -33,7 +33,7 @@ from ..data.loader import EpochBatches, any_readable, epoch_loader, iters_per_ep
 from ..data.multicrop import MultiCrop
 from ..data.sources import open_source
 from ..eval.common import pick_device
-from ..loss import DINOLoss
+from ..loss import DINOLoss, PatchLoss, koleo_loss
 from ..models.convnets import convnet
 from ..models.heads import DINOHead, MultiCropWrapper
 from ..models.vit import VIT_SIZES, VisionTransformer
@@ -50,7 +50,7 @@ def build_backbone(cfg: Config, drop_path_rate: float) -> nn.Module:
     if cfg.arch in VIT_SIZES or cfg.arch == "vit":
         dim, depth, heads = VIT_SIZES.get(cfg.arch, (cfg.embed_dim, cfg.depth, cfg.num_heads))
         return VisionTransformer(img_size=cfg.global_crop_size, patch_size=cfg.patch_size, embed_dim=dim,
-                                 depth=depth, num_heads=heads, drop_path_rate=drop_path_rate)
+                                 depth=depth, num_heads=heads, drop_path_rate=drop_path_rate, stem=cfg.stem)
     return convnet(cfg.arch)
 
 
@@ -61,7 +61,8 @@ def build_models(cfg: Config):
     head = lambda: DINOHead(student.num_features, cfg.out_dim, use_bn=cfg.use_bn_in_head,
                             norm_last_layer=cfg.norm_last_layer, hidden_dim=cfg.head_hidden_dim,
                             bottleneck_dim=cfg.bottleneck_dim)
-    student, teacher = MultiCropWrapper(student, head()), MultiCropWrapper(teacher, head())
+    masked = cfg.patch_loss_weight > 0
+    student, teacher = MultiCropWrapper(student, head(), masked), MultiCropWrapper(teacher, head(), masked)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
@@ -189,6 +190,8 @@ class Trainer:
             self.optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9, foreach=True)
         self.loss = DINOLoss(cfg.out_dim, 2 + cfg.local_crops_number, cfg.student_temp,
                              cfg.center_momentum).to(device)
+        self.patch_loss = PatchLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum).to(device) \
+            if cfg.patch_loss_weight > 0 else None
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" and device.type == "cuda" else None
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         world_batch = cfg.batch_size
@@ -235,13 +238,34 @@ class Trainer:
         it, s = self.step, self.sched
         temp = self.set_schedules(it)
 
+        masks = None
+        if self.patch_loss is not None:  # the patches the student will not see, in each global view
+            grid = [side // self.cfg.patch_size for side in crops[0].shape[-2:]]
+            masks = torch.rand(2 * len(crops[0]), grid[0] * grid[1], device=self.device) < self.cfg.mask_ratio
         with self.autocast():
-            teacher_out = self.teacher(crops[:2])  # global views only
+            teacher_out = self.teacher(crops[:2], return_patches=masks is not None)  # global views only
             if self.fsdp:  # FSDP leaves a root's parameters gathered for the backward; the teacher has none
                 self.teacher.reshard()
-            student_out = self.student_ddp(crops)  # every view
+            student_out = self.student_ddp(crops, return_features=True, masks=masks)  # every view
+            if masks is not None:
+                (teacher_out, teacher_patches), (student_out, features, student_patches) = teacher_out, student_out
+            else:
+                student_out, features = student_out
             stats = teacher_stats(teacher_out, self.loss.center, temp) if with_stats else {}
             loss = self.loss(student_out, teacher_out, temp)
+            if with_stats:  # the DINO term is the teacher's entropy plus KL(teacher || student)
+                stats["kl"] = float(loss.detach()) - stats["teacher_entropy"]
+            if masks is not None:  # predict the teacher's view of the patches hidden from the student
+                patch = self.patch_loss(student_patches, teacher_patches, masks, temp)
+                loss = loss + self.cfg.patch_loss_weight * patch
+                if with_stats:
+                    stats["patch_loss"] = float(patch.detach())
+            if self.cfg.koleo_weight > 0:  # spread each global view's features over the batch
+                batch = len(crops[0])
+                koleo = sum(koleo_loss(f) for f in features[:2 * batch].split(batch))
+                loss = loss + self.cfg.koleo_weight * koleo
+                if with_stats:
+                    stats["koleo"] = float(koleo.detach()) / 2
 
         self.backward(loss)
         self.update_student(it)  # clip, freeze the last layer early on, optimizer step
@@ -252,6 +276,11 @@ class Trainer:
             stats.update(lr=float(s.lr[it]), wd=float(s.wd[it]), momentum=float(s.momentum[it]),
                          teacher_temp=temp, center_norm=float(self.loss.center.norm()))
         return loss.detach(), stats
+
+    def replan(self, total_steps: int):
+        """Lay the schedules out again for a run of `total_steps` (a time budget re-measured)."""
+        self.total_steps = total_steps
+        self.sched = Schedules.build(self.cfg, total_steps, self.steps_per_epoch, self.cfg.batch_size)
 
     # ---- state ----
     def state(self, cfg_dict: dict, extra: dict) -> dict:
@@ -267,6 +296,7 @@ class Trainer:
             "student": student, "teacher": teacher,
             "optimizer": optimizer, "epoch": self.step // self.steps_per_epoch,
             "dino_loss": self.loss.state_dict(),
+            **({"patch_loss": self.patch_loss.state_dict()} if self.patch_loss is not None else {}),
             **({"fp16_scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
             "dinokit": {"version": 1, "arch": backbone_arch(self.student.backbone), "config": cfg_dict,
                         "step": self.step, "total_steps": self.total_steps,
@@ -289,6 +319,8 @@ class Trainer:
             self.teacher.load_state_dict(ckpt["teacher"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
         self.loss.load_state_dict(ckpt["dino_loss"])
+        if self.patch_loss is not None:
+            self.patch_loss.load_state_dict(ckpt["patch_loss"])
         if self.scaler is not None and "fp16_scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["fp16_scaler"])
         meta = ckpt["dinokit"]
@@ -365,6 +397,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if main_process else (lambda msg: None)
 
     ckpt = load_latest(run_dir, log) if resume else None
+    fresh = ckpt is None
     if resume and ckpt is None:
         log(f"no checkpoint in {run_dir}: starting from scratch")
     if ckpt is None and (run_dir / "checkpoint.pt").exists():  # every process stops, not only rank 0
@@ -385,16 +418,13 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
     source, steps_per_epoch, multicrop = build_data(cfg)
     total_steps = cfg.epochs * steps_per_epoch if ckpt is None else int(ckpt["dinokit"]["total_steps"])
     started = time.time()
+    reserve = 5.0 + 0.01 * (time_budget or 0)  # a budgeted run's final checkpoint and curves
     if ckpt is None and time_budget is not None:
         probe_batches = epoch_loader(EpochBatches(source, multicrop, cfg.batch_size, 0, cfg.seed, rank, world),
                                      cfg.num_workers)
         sec_per_step = calibrate(cfg, device, steps_per_epoch, probe_batches, multicrop)
-        reserve = 5.0 + 0.01 * time_budget  # final checkpoint, curves
-        total_steps = max(1, int((time_budget - (time.time() - started) - reserve) / sec_per_step))
-        if dist.is_initialized():  # one schedule for every process: rank 0's
-            steps = torch.tensor([total_steps], device=device)
-            dist.broadcast(steps, 0)
-            total_steps = int(steps)
+        total_steps = distributed.broadcast_int(  # one schedule for every process: rank 0's
+            max(1, int((time_budget - (time.time() - started) - reserve) / sec_per_step)))
         log(f"time budget {time_budget:.0f}s: {sec_per_step * 1000:.0f} ms/step measured -> {total_steps} steps "
             f"({total_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch} steps)")
     trainer = Trainer(cfg, device, steps_per_epoch, total_steps)
@@ -406,11 +436,18 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
         torch.manual_seed(cfg.seed + 1_000_003 * rank + trainer.step)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    if main_process:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(
-            {**cfg.to_dict(), "resolved": {"total_steps": trainer.total_steps, "steps_per_epoch": steps_per_epoch,
-                                           "world_size": world, "device": str(device),
-                                           "precision": trainer.precision}}, sort_keys=False))
+
+    def write_config():
+        if main_process:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(
+                {**cfg.to_dict(), "resolved": {"total_steps": trainer.total_steps, "steps_per_epoch": steps_per_epoch,
+                                               "world_size": world, "device": str(device),
+                                               "precision": trainer.precision}}, sort_keys=False))
+    write_config()
+    # A fresh budgeted run measures its pace again at 10, 30, 60, 80 and 90% of the way and re-lays the
+    # schedule to end on time: a few calibration steps on a machine whose load changes can be off by a third.
+    replans = [0.1, 0.3, 0.6, 0.8, 0.9] if time_budget is not None and fresh else []
+    pace_from = None  # (step, time) the pace is measured from: after the first steps' warm-up, then each re-plan
     if resume and main_process:
         drop_metrics_after(run_dir / "metrics.jsonl", trainer.step)
     metrics_log = MetricsLog(run_dir, enabled=main_process)
@@ -488,7 +525,6 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
                         stats = dict(zip(stats, rest))
                     now = time.perf_counter()
                     stats.update(step=trainer.step, epoch=trainer.step / steps_per_epoch, loss=last_loss,
-                                 kl=last_loss - stats["teacher_entropy"],
                                  images_per_s=window_images / (now - window_start), skipped=len(reported),
                                  elapsed_s=time.time() - started)
                     window_images, window_start = 0, now
@@ -498,6 +534,23 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
                         log(warning)
                     bar.set_postfix(loss=f"{last_loss:.3f}", ips=f"{stats['images_per_s']:.0f}")
                 bar.update(1)
+                if replans:
+                    if pace_from is None and trainer.step >= 5:
+                        pace_from = (trainer.step, time.perf_counter())
+                    elif pace_from is not None and trainer.step >= max(replans[0] * trainer.total_steps,
+                                                                       pace_from[0] + 20):
+                        now = time.perf_counter()
+                        sec_per_step = (now - pace_from[1]) / (trainer.step - pace_from[0])
+                        total = trainer.step + max(1, int((deadline + 2.0 - reserve - time.time()) / sec_per_step))
+                        total = distributed.broadcast_int(total)
+                        if total != trainer.total_steps:
+                            log(f"re-planned at step {trainer.step}: {sec_per_step * 1000:.0f} ms/step -> "
+                                f"{total} steps (was {trainer.total_steps})")
+                            trainer.replan(total)
+                            stop_at = total if max_steps is None else min(total, stop_at)
+                            bar.total = stop_at
+                            write_config()
+                        pace_from, replans = (trainer.step, now), replans[1:]
                 stopping = stop_agreed()
                 if trainer.step % cfg.save_every_steps == 0 or trainer.step == stop_at or stopping:
                     checkpoint()

@@ -7,12 +7,12 @@ PRESETS = {
     "paper": {},
     # A small ViT for 28 x 28 images (Fashion-MNIST) on a CPU.
     "fmnist-cpu": {
-        "arch": "vit", "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3, "drop_path_rate": 0.0,
-        "out_dim": 1024, "head_hidden_dim": 256, "bottleneck_dim": 64,
+        "arch": "vit", "stem": "conv", "patch_size": 4, "embed_dim": 128, "depth": 3, "num_heads": 4,
+        "drop_path_rate": 0.0, "out_dim": 1024, "head_hidden_dim": 256, "bottleneck_dim": 64,
         "global_crop_size": 28, "local_crop_size": 16, "local_crops_number": 2,
-        "global_crops_scale": [0.3, 1.0], "local_crops_scale": [0.2, 0.5],
-        "warmup_teacher_temp": 0.04, "teacher_temp": 0.04, "momentum_teacher": 0.996,
-        "lr": 0.005, "warmup_epochs": 1, "min_lr": 1e-5, "epochs": 10, "batch_size": 64, "freeze_last_layer": 0,
+        "global_crops_scale": [0.6, 1.0], "local_crops_scale": [0.25, 0.6],
+        "warmup_teacher_temp": 0.04, "teacher_temp": 0.04, "momentum_teacher": 0.99, "koleo_weight": 0.1,
+        "lr": 0.005, "warmup_epochs": 1, "min_lr": 1e-5, "epochs": 10, "batch_size": 32, "freeze_last_layer": 0,
         "log_every": 20, "save_every_steps": 500,
     },
     # The paper code's recipe at the scale of issue benchmarks: ViT dim 192, depth 4, patch 4, 2 x 28 + 4 x 12.
