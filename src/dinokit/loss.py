@@ -30,17 +30,19 @@ class DINOLoss(nn.Module):
         weights = teacher_p.sum(0).expand(self.ncrops, -1, -1).clone()
         weights[:shared] -= teacher_p[:shared]
         n_terms = len(teacher_p) * self.ncrops - shared
-        self.update_center(teacher_out)
+        update_center_(self.center, teacher_out, self.center_momentum)
         return -(weights.view_as(student_logp) * student_logp).sum() / (batch * n_terms)
 
-    @torch.no_grad()
-    def update_center(self, teacher_out: torch.Tensor):
-        batch_sum = teacher_out.float().sum(dim=0, keepdim=True)
-        count = torch.tensor(float(teacher_out.shape[0]), device=teacher_out.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch_sum)
-            dist.all_reduce(count)
-        self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+
+@torch.no_grad()
+def update_center_(center: torch.Tensor, outputs: torch.Tensor, momentum: float):
+    """center = m * center + (1 - m) * mean of the teacher's outputs over the global batch."""
+    batch_sum = outputs.float().sum(dim=0, keepdim=True)
+    count = torch.tensor(float(outputs.shape[0]), device=outputs.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(batch_sum)
+        dist.all_reduce(count)
+    center.mul_(momentum).add_(batch_sum / count, alpha=1 - momentum)
 
 
 def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -69,7 +71,5 @@ class PatchLoss(nn.Module):
         """student_masked: (M, K) at the M masked positions; teacher_patches: (V, P, K); masks: (V, P)."""
         teacher_p = F.softmax((teacher_patches[masks].float() - self.center) / teacher_temp, dim=-1).detach()
         student_logp = F.log_softmax(student_masked.float() / self.student_temp, dim=-1)
-        self.update_center(teacher_patches.detach().flatten(0, 1))
+        update_center_(self.center, teacher_patches.detach().flatten(0, 1), self.center_momentum)
         return -(teacher_p * student_logp).sum(-1).sum() / max(int(masks.sum()), 1)
-
-    update_center = DINOLoss.update_center

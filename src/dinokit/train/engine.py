@@ -419,12 +419,15 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
     total_steps = cfg.epochs * steps_per_epoch if ckpt is None else int(ckpt["dinokit"]["total_steps"])
     started = time.time()
     reserve = 5.0 + 0.01 * (time_budget or 0)  # a budgeted run's final checkpoint and curves
+
+    def steps_that_fit(sec_per_step: float) -> int:  # rank 0's number on every process: one schedule for all
+        return distributed.broadcast_int(
+            max(1, int((started + time_budget - reserve - time.time()) / sec_per_step)))
     if ckpt is None and time_budget is not None:
         probe_batches = epoch_loader(EpochBatches(source, multicrop, cfg.batch_size, 0, cfg.seed, rank, world),
                                      cfg.num_workers)
         sec_per_step = calibrate(cfg, device, steps_per_epoch, probe_batches, multicrop)
-        total_steps = distributed.broadcast_int(  # one schedule for every process: rank 0's
-            max(1, int((time_budget - (time.time() - started) - reserve) / sec_per_step)))
+        total_steps = steps_that_fit(sec_per_step)
         log(f"time budget {time_budget:.0f}s: {sec_per_step * 1000:.0f} ms/step measured -> {total_steps} steps "
             f"({total_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch} steps)")
     trainer = Trainer(cfg, device, steps_per_epoch, total_steps)
@@ -454,7 +457,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
     watch = CollapseWatch(cfg.out_dim)
     skipped_path = run_dir / "skipped.txt"
     reported = set(l.split("\t")[0] for l in skipped_path.read_text().splitlines()) if skipped_path.exists() else set()
-    stop_at = trainer.total_steps if max_steps is None else min(trainer.total_steps, trainer.step + max_steps)
+    step_limit = math.inf if max_steps is None else trainer.step + max_steps
+    stop_at = min(trainer.total_steps, step_limit)
     bar = tqdm(total=stop_at, initial=trainer.step, desc="train", unit="step", disable=not (progress and main_process),
                dynamic_ncols=True)
     last_loss, window_images, window_start = float("nan"), 0, time.perf_counter()
@@ -478,6 +482,26 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
 
     # A budgeted run also stops at its deadline, should the machine turn slower than it measured.
     deadline = started + time_budget - 2.0 if time_budget is not None else math.inf
+
+    def replan_if_due():
+        """At each re-plan point: the pace since the last one -> the schedule laid out again to end on time."""
+        nonlocal pace_from, replans, stop_at
+        if pace_from is None:
+            if trainer.step >= 5:
+                pace_from = (trainer.step, time.perf_counter())
+            return
+        if trainer.step < max(replans[0] * trainer.total_steps, pace_from[0] + 20):
+            return
+        now = time.perf_counter()
+        sec_per_step = (now - pace_from[1]) / (trainer.step - pace_from[0])
+        total = trainer.step + steps_that_fit(sec_per_step)
+        if total != trainer.total_steps:
+            log(f"re-planned at step {trainer.step}: {sec_per_step * 1000:.0f} ms/step -> {total} steps "
+                f"(was {trainer.total_steps})")
+            trainer.replan(total)
+            stop_at = bar.total = min(total, step_limit)
+            write_config()
+        pace_from, replans = (trainer.step, now), replans[1:]
 
     def stop_agreed() -> bool:  # every process stops at the same step, whichever got the signal
         return distributed.any_process([stop.requested or time.time() > deadline])[0]
@@ -535,22 +559,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
                     bar.set_postfix(loss=f"{last_loss:.3f}", ips=f"{stats['images_per_s']:.0f}")
                 bar.update(1)
                 if replans:
-                    if pace_from is None and trainer.step >= 5:
-                        pace_from = (trainer.step, time.perf_counter())
-                    elif pace_from is not None and trainer.step >= max(replans[0] * trainer.total_steps,
-                                                                       pace_from[0] + 20):
-                        now = time.perf_counter()
-                        sec_per_step = (now - pace_from[1]) / (trainer.step - pace_from[0])
-                        total = trainer.step + max(1, int((deadline + 2.0 - reserve - time.time()) / sec_per_step))
-                        total = distributed.broadcast_int(total)
-                        if total != trainer.total_steps:
-                            log(f"re-planned at step {trainer.step}: {sec_per_step * 1000:.0f} ms/step -> "
-                                f"{total} steps (was {trainer.total_steps})")
-                            trainer.replan(total)
-                            stop_at = total if max_steps is None else min(total, stop_at)
-                            bar.total = stop_at
-                            write_config()
-                        pace_from, replans = (trainer.step, now), replans[1:]
+                    replan_if_due()
                 stopping = stop_agreed()
                 if trainer.step % cfg.save_every_steps == 0 or trainer.step == stop_at or stopping:
                     checkpoint()
