@@ -145,6 +145,40 @@ def test_counter_rng_is_uniform_and_keyed():
     assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.std().item() - (1 / 12) ** 0.5) < 0.005
     assert not torch.equal(u[:100], uniform(0, 0, torch.arange(100), 8))
     assert not torch.equal(u[:100], uniform(1, 0, torch.arange(100), 7))
+    # many draw ids in one call: the same numbers as one call per id, each with its own range
+    ids, low, high = torch.tensor([0, 7, 63, 10 ** 6]), torch.tensor([0, 0.5, -1, 2]), torch.tensor([1, 2, 1, 3])
+    grid = uniform(3, 4, torch.arange(50), ids, low, high)
+    assert grid.shape == (50, 4)
+    for j in range(4):
+        assert torch.equal(grid[:, j], uniform(3, 4, torch.arange(50), int(ids[j]), float(low[j]), float(high[j])))
+
+
+def test_crop_boxes_take_the_first_of_ten_tries_that_fits():
+    """torchvision's RandomResizedCrop rule, try by try, against the boxes drawn for all tries at once."""
+    import math
+    mc = MultiCrop(global_size=24, local_size=10, local_crops=1, global_scale=(0.3, 1.0), local_scale=(0.9, 1.0))
+    index = torch.arange(400)
+    for c, (h, w) in [(0, (30, 40)), (2, (8, 90))]:  # the thin image: tries often fail, some fall back
+        boxes = mc.crop_boxes(1, index, c, h, w)
+        scale, n_fallback = mc.crops[c].scale, 0
+        for i in range(len(index)):
+            d = lambda what, lo=0.0, hi=1.0: float(mc._draw(1, index[i:i + 1], c, what, lo, hi))
+            expected = None
+            for t in range(10):
+                target = torch.tensor(h * w, dtype=torch.float) * d(4 * t, *scale)
+                ratio = torch.exp(torch.tensor(d(4 * t + 1, math.log(3 / 4), math.log(4 / 3))))
+                bw, bh = torch.round(torch.sqrt(target * ratio)), torch.round(torch.sqrt(target / ratio))
+                if 0 < bw <= w and 0 < bh <= h:
+                    top = math.floor(d(4 * t + 2) * float(h - bh + 1))
+                    left = math.floor(d(4 * t + 3) * float(w - bw + 1))
+                    expected = [left, top, left + float(bw), top + float(bh)]
+                    break
+            if expected is None:
+                n_fallback += 1
+                bw, bh = min(w, round(h * 4 / 3)), h
+                expected = [(w - bw) // 2, 0, (w - bw) // 2 + bw, bh]
+            assert boxes[i].tolist() == expected, (c, i)
+        assert (n_fallback > 0) == (c == 2)
 
 
 def test_blur_zero_sigma_is_identity_and_blur_preserves_mean():

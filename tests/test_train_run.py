@@ -76,6 +76,16 @@ def test_seeded_runs_are_identical_and_resume_is_exact(small_folder, tmp_path, r
     assert load_backbone(tmp_path / "c" / "checkpoint.pt").embed_dim == 32
 
 
+def test_steps_lays_the_whole_schedule_out_over_that_many_steps(small_folder, tmp_path):
+    cfg = Config(data=str(small_folder), **TINY).validate()  # 6 steps an epoch, 2 epochs, 1 of warm-up
+    summary = train(cfg, tmp_path / "r", steps=4, progress=False)
+    assert summary["step"] == summary["total_steps"] == 4 and summary["finished"]
+    lr = [json.loads(x)["lr"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    peak = cfg.lr * cfg.batch_size / 256
+    assert lr[0] == 0 and lr[1] == pytest.approx(peak)  # the warm-up, half the run as configured: 2 steps
+    assert lr[3] < lr[2] <= lr[1]  # then the cosine decay, ending with the run
+
+
 def test_existing_run_is_not_overwritten(small_folder, tmp_path):
     cfg = Config(**TINY, data=str(small_folder)).validate()
     train(cfg, tmp_path / "r", max_steps=1, progress=False)
@@ -173,6 +183,8 @@ def test_cli_errors_are_clear(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = cli("--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "lr=fast")
     assert r.returncode == 2 and "lr must be float" in r.stderr
+    r = cli("--data", str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "5", "--time-budget", "1m")
+    assert r.returncode == 2 and "--steps" in r.stderr
     (tmp_path / "empty").mkdir()
     r = cli("--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "no image files" in r.stderr
@@ -188,12 +200,12 @@ def knn_top1(model, train_src, test_src):
 
 
 def test_training_learns_fashion_mnist_features(tmp_path):
-    """The demo's recipe (the fmnist-cpu preset as it is, 6 epochs) on 2,000 real images: the DINO loss falls
+    """The demo's recipe (the fmnist-cpu preset as it is, 12 epochs) on 2,000 real images: the DINO loss falls
     from its warm-up peak and the teacher's k-NN ends clearly above its value at initialisation. The run is
     deterministic, so the margins are stable."""
     train_dir = write_fmnist_pngs(tmp_path / "train", "train", 2000)
     test_dir = write_fmnist_pngs(tmp_path / "test", "test", 500)
-    cfg = resolve("fmnist-cpu", None, ["epochs=6", "save_every_steps=1000", "log_every=5", "precision=fp32"],
+    cfg = resolve("fmnist-cpu", None, ["epochs=12", "save_every_steps=1000", "log_every=5", "precision=fp32"],
                   data=str(train_dir))
     train(cfg, tmp_path / "run", max_steps=1, progress=False)  # step 0 runs at lr 0: the initial weights
     train_src, test_src = open_source(str(train_dir)), open_source(str(test_dir))

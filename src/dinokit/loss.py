@@ -38,7 +38,7 @@ class DINOLoss(nn.Module):
 def update_center_(center: torch.Tensor, outputs: torch.Tensor, momentum: float):
     """center = m * center + (1 - m) * mean of the teacher's outputs over the global batch."""
     batch_sum = outputs.float().sum(dim=0, keepdim=True)
-    count = torch.tensor(float(outputs.shape[0]), device=outputs.device)
+    count = torch.full((), float(outputs.shape[0]), device=outputs.device)  # a fill: no host-to-GPU copy
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(batch_sum)
         dist.all_reduce(count)

@@ -18,6 +18,9 @@ from torchvision.ops import roi_align
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+# Ranges of the colour draws 40-49 (ColorJitter(0.4, 0.4, 0.2, 0.1) and the paper's blur sigmas at 224 px)
+COLOUR_LOW = (0.0, 0.0, 0.6, 0.6, 0.8, -0.1, 0.0, 0.0, 0.1, 0.0)
+COLOUR_HIGH = (1.0, 1.0, 1.4, 1.4, 1.2, 0.1, 1.0, 1.0, 2.0, 1.0)
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -35,11 +38,15 @@ def _i64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def uniform(seed: int, epoch: int, index: torch.Tensor, draw: int, low: float = 0.0, high: float = 1.0):
-    """One uniform number in [low, high) per sample index, fixed by (seed, epoch, index, draw)."""
-    stream = _i64(_i64(seed) * 0x9E3779B97F4A7C15 + _i64(epoch) * 0xD1B54A32D192ED03 + draw * 0x632BE59BD9B4E5B)
-    x = _mix(_mix(index.long() + stream) ^ stream)
+def uniform(seed: int, epoch: int, index: torch.Tensor, draw, low=0.0, high=1.0) -> torch.Tensor:
+    """Uniform numbers in [low, high) fixed by (seed, epoch, sample index, draw id): (N,) for one draw id,
+    (N, D) for a tensor of D ids (low and high then scalars or one per id). All of a crop's draws are made in
+    one call: each call costs a dozen small tensor operations whatever its size."""
+    base = _i64(_i64(seed) * 0x9E3779B97F4A7C15 + _i64(epoch) * 0xD1B54A32D192ED03)
+    stream = base + torch.as_tensor(draw, dtype=torch.long) * 0x632BE59BD9B4E5B  # int64 wraps like _i64
+    x = _mix(_mix(index.long().view(-1, *[1] * stream.dim()) + stream) ^ stream)
     u = ((x >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
+    low, high = torch.as_tensor(low, dtype=torch.double), torch.as_tensor(high, dtype=torch.double)
     return (low + (high - low) * u).float()
 
 
@@ -65,82 +72,120 @@ class MultiCrop:
     def ncrops(self) -> int:
         return len(self.crops)
 
-    def _draw(self, epoch, index, crop: int, what: int, low=0.0, high=1.0):
-        return uniform(self.seed, epoch, index, crop * 64 + what, low, high)
+    def _draw(self, epoch, index, crop: int, what, low=0.0, high=1.0):
+        """Draw ids: 64 per crop; 0-39 its crop box (10 tries x 4), 40-49 its colours."""
+        return uniform(self.seed, epoch, index, crop * 64 + torch.as_tensor(what), low, high)
 
     # ---- geometric -------------------------------------------------------------------------------
-    def crop_boxes(self, epoch: int, index: torch.Tensor, c: int, height: int, width: int) -> torch.Tensor:
-        """RandomResizedCrop boxes (x1, y1, x2, y2) in pixels, one per sample, for crop number c."""
-        spec, area = self.crops[c], float(height * width)
-        n = index.shape[0]
-        box = torch.empty(n, 4)
-        done = torch.zeros(n, dtype=torch.bool)
-        log_ratio = (math.log(3 / 4), math.log(4 / 3))
-        for t in range(10):
-            target = area * self._draw(epoch, index, c, 4 * t, *spec.scale)
-            ratio = torch.exp(self._draw(epoch, index, c, 4 * t + 1, *log_ratio))
-            w = torch.round(torch.sqrt(target * ratio))
-            h = torch.round(torch.sqrt(target / ratio))
-            ok = (w > 0) & (h > 0) & (w <= width) & (h <= height) & ~done
-            top = torch.floor(self._draw(epoch, index, c, 4 * t + 2) * (height - h + 1))
-            left = torch.floor(self._draw(epoch, index, c, 4 * t + 3) * (width - w + 1))
-            box[ok] = torch.stack([left, top, left + w, top + h], 1)[ok]
-            done |= ok
+    def crop_boxes(self, epoch: int, index: torch.Tensor, c: int, height, width) -> torch.Tensor:
+        """RandomResizedCrop boxes (x1, y1, x2, y2) in pixels, one per sample, for crop number c. `height` and
+        `width`: the images' size, one for all samples or a tensor with one per sample."""
+        spec, n = self.crops[c], index.shape[0]
+        height = torch.as_tensor(height, dtype=torch.float).expand(n)
+        width = torch.as_tensor(width, dtype=torch.float).expand(n)
+        area = height * width
+        tries = 4 * torch.arange(10)  # torchvision's rule: the first of 10 tries that fits, all drawn at once
+        target = area[:, None] * self._draw(epoch, index, c, tries, *spec.scale)
+        ratio = torch.exp(self._draw(epoch, index, c, tries + 1, math.log(3 / 4), math.log(4 / 3)))
+        w = torch.round(torch.sqrt(target * ratio))
+        h = torch.round(torch.sqrt(target / ratio))
+        fits = (w > 0) & (h > 0) & (w <= width[:, None]) & (h <= height[:, None])
+        top = torch.floor(self._draw(epoch, index, c, tries + 2) * (height[:, None] - h + 1))
+        left = torch.floor(self._draw(epoch, index, c, tries + 3) * (width[:, None] - w + 1))
+        first = fits.int().argmax(1, keepdim=True)[..., None]  # (n, 1, 1): the first try that fits
+        box = torch.stack([left, top, left + w, top + h], 2).gather(1, first.expand(-1, 1, 4))[:, 0]
+        done = fits.any(1)
         if not done.all():  # torchvision's fallback: the largest centre crop within the ratio range
-            ratio = width / height
-            w = float(width) if ratio <= 4 / 3 else round(height * 4 / 3)
-            h = float(height) if ratio >= 3 / 4 else round(width / (3 / 4))
-            w, h = min(w, width), min(h, height)
-            left, top = (width - w) // 2, (height - h) // 2
-            box[~done] = torch.tensor([left, top, left + w, top + h], dtype=torch.float)
+            H, W = height.double(), width.double()  # float64, as torchvision's Python arithmetic
+            w = torch.where(W / H <= 4 / 3, W, torch.round(H * 4 / 3)).minimum(W)
+            h = torch.where(W / H >= 3 / 4, H, torch.round(W / (3 / 4))).minimum(H)
+            left, top = torch.floor((W - w) / 2), torch.floor((H - h) / 2)
+            box[~done] = torch.stack([left, top, left + w, top + h], 1).float()[~done]
         return box
 
-    def geometric(self, images: torch.Tensor | list[torch.Tensor], index: torch.Tensor, epoch: int):
+    def geometric(self, images: torch.Tensor | list[torch.Tensor], index: torch.Tensor, epoch: int,
+                  canvas: bool | None = None):
         """uint8 images (a batch tensor, or a list of (3, H, W) of any sizes) -> one float [0, 1] tensor
-        (B, 3, S, S) per crop."""
+        (B, 3, S, S) per crop, on the images' device.
+
+        Images of different sizes are cropped by size group (`canvas` false: the CPU's way, bit for bit as
+        ever), or all at once on a common canvas (`canvas` true; by default when the images are on a GPU,
+        where nearly every JPEG has its own size and a group per image would mean a kernel per image)."""
+        device = images.device if isinstance(images, torch.Tensor) else images[0].device
+        if canvas is None:
+            canvas = device.type != "cpu"
         if isinstance(images, torch.Tensor):
-            groups = [(images, torch.arange(len(images)))]
-        else:  # images of different sizes: crop each size group separately, then restore order
-            by_size: dict[tuple, list[int]] = {}
-            for j, im in enumerate(images):
-                by_size.setdefault(tuple(im.shape[-2:]), []).append(j)
-            groups = [(torch.stack([images[j] for j in js]), torch.tensor(js)) for js in by_size.values()]
+            height, width = images.shape[-2:]
+            groups = [(images, None)]
+        else:
+            sizes = torch.tensor([im.shape[-2:] for im in images], dtype=torch.float)
+            height, width = sizes[:, 0], sizes[:, 1]
+            if canvas:
+                groups = [(pad_to_canvas(images), None)]
+            else:
+                by_size: dict[tuple, list[int]] = {}
+                for j, im in enumerate(images):
+                    by_size.setdefault(tuple(im.shape[-2:]), []).append(j)
+                groups = [(torch.stack([images[j] for j in js]), torch.tensor(js)) for js in by_size.values()]
+        groups = [(batch.float(), pos) for batch, pos in groups]
         out = []
         for c, spec in enumerate(self.crops):
-            crop = torch.empty(len(index), 3, spec.size, spec.size)
+            boxes = self.crop_boxes(epoch, index, c, height, width)  # each sample's from its own size
+            parts = []
             for batch, pos in groups:
-                boxes = self.crop_boxes(epoch, index[pos], c, batch.shape[-2], batch.shape[-1])
-                rois = torch.cat([torch.arange(len(pos), dtype=torch.float)[:, None], boxes], 1)
-                crop[pos] = roi_align(batch.float(), rois, spec.size, spatial_scale=1.0, sampling_ratio=2,
-                                      aligned=True)
+                group_boxes = boxes if pos is None else boxes[pos]
+                rois = torch.cat([torch.arange(len(group_boxes), dtype=torch.float)[:, None], group_boxes], 1)
+                # boxes are drawn on the CPU; a blocking copy would wait for the GPU to finish its queue
+                parts.append(roi_align(batch, rois.to(device, non_blocking=True), spec.size, spatial_scale=1.0,
+                                       sampling_ratio=2, aligned=True))
+            crop = parts[0]
+            if len(groups) > 1:  # size groups: back in batch order
+                crop = torch.empty(len(index), 3, spec.size, spec.size, device=device)
+                for (_, pos), part in zip(groups, parts):
+                    crop[pos] = part
             out.append(crop.div_(255))
         return out
 
     # ---- photometric -----------------------------------------------------------------------------
     def photometric(self, crops: list[torch.Tensor], index: torch.Tensor, epoch: int) -> list[torch.Tensor]:
-        """Float [0, 1] crops (on any device) -> augmented, normalised crops."""
+        """Float [0, 1] crops (on any device) -> augmented, normalised crops. Nothing here waits for the
+        device: the draws are made on the CPU and cross over in one non-blocking copy per crop."""
         out = []
         for c, (x, spec) in enumerate(zip(crops, self.crops)):
-            d = lambda what, low=0.0, high=1.0: self._draw(epoch, index, c, 40 + what, low, high).to(x.device)
-            col = lambda v: v.view(-1, 1, 1, 1)
-            x = torch.where(col(d(0) < 0.5), x.flip(-1), x)
-            jitter = col(d(1) < 0.8)
-            y = adjust_brightness(x, col(d(2, 0.6, 1.4)))
-            y = adjust_contrast(y, col(d(3, 0.6, 1.4)))
-            y = adjust_saturation(y, col(d(4, 0.8, 1.2)))
-            y = adjust_hue(y, col(d(5, -0.1, 0.1)))
-            x = torch.where(jitter, y, x)
-            x = torch.where(col(d(6) < 0.2), grayscale(x).expand_as(x), x)
-            if spec.blur_p > 0:
-                sigma = d(8, 0.1, 2.0) * self.blur_scale[c]
-                sigma = torch.where(d(7) < spec.blur_p, sigma, torch.zeros_like(sigma))
-                x = gaussian_blur(x, sigma)
+            # draws 40-49: flip, jitter?, brightness, contrast, saturation, hue, grey?, blur?, sigma, solarize?
+            u = self._draw(epoch, index, c, 40 + torch.arange(10), COLOUR_LOW, COLOUR_HIGH)
+            draws = u.T.contiguous().to(x.device, non_blocking=True)
+            flip, jitter, brightness, contrast, saturation, hue, gray, _, _, solarize = draws.view(10, -1, 1, 1, 1)
+            x = torch.where(flip < 0.5, x.flip(-1), x)
+            y = adjust_brightness(x, brightness)
+            y = adjust_contrast(y, contrast)
+            y = adjust_saturation(y, saturation)
+            y = adjust_hue(y, hue)
+            x = torch.where(jitter < 0.8, y, x)
+            x = torch.where(gray < 0.2, grayscale(x).expand_as(x), x)
+            if spec.blur_p > 0:  # sigma read on the CPU: its kernel size is chosen there, with no sync
+                sigma = u[:, 8] * self.blur_scale[c]
+                x = gaussian_blur(x, torch.where(u[:, 7] < spec.blur_p, sigma, torch.zeros_like(sigma)))
             if spec.solarize_p > 0:
-                x = torch.where(col(d(9) < spec.solarize_p) & (x >= 128 / 255), 1 - x, x)
-            mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-            std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+                x = torch.where((solarize < spec.solarize_p) & (x >= 128 / 255), 1 - x, x)
+            mean = torch.tensor(MEAN).view(1, 3, 1, 1).to(x.device, non_blocking=True)
+            std = torch.tensor(STD).view(1, 3, 1, 1).to(x.device, non_blocking=True)
             out.append((x - mean) / std)
         return out
+
+
+def pad_to_canvas(images: list[torch.Tensor]) -> torch.Tensor:
+    """(3, H, W) images of any sizes -> one batch at the largest H and W, each image's last row and column
+    repeated into its margin. roi_align clamps samples beyond an image's last pixel to that pixel; over a
+    repeated margin its bilinear samples come out the same, so crops match those of the image alone."""
+    height, width = max(im.shape[-2] for im in images), max(im.shape[-1] for im in images)
+    canvas = images[0].new_empty(len(images), images[0].shape[0], height, width)
+    for j, im in enumerate(images):
+        h, w = im.shape[-2:]
+        canvas[j, :, :h, :w] = im
+        canvas[j, :, :h, w:] = im[:, :, w - 1:]
+        canvas[j, :, h:] = canvas[j, :, h - 1:h]
+    return canvas
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -183,11 +228,15 @@ def adjust_hue(x, shift):
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur with a per-sample sigma (0 = unchanged), reflect padding."""
+    """Separable Gaussian blur with a per-sample sigma (0 = unchanged), reflect padding. `sigma` lives on
+    the CPU, where the draws are made: the kernel's radius comes from its largest value without a device
+    sync, and it crosses to x's device in a non-blocking copy."""
+    sigma = sigma.cpu()
     if not bool((sigma > 0).any()):
         return x
     B, C, H, W = x.shape
     radius = max(1, min(int(math.ceil(3 * float(sigma.max()))), (min(H, W) - 1)))
+    sigma = sigma.to(x.device, non_blocking=True)
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     s = sigma.to(x.dtype).clamp_min(1e-6).view(-1, 1)
     k = torch.exp(-0.5 * (t / s) ** 2)

@@ -1,7 +1,8 @@
 """Where images come from: a folder (recursive) or a named data set such as `fashion-mnist:train`.
 
 A source is indexable: `source.read(i)` gives a uint8 tensor (3, H, W) or raises `BadImage` with the
-reason; `source.labels` holds class ids where the layout has them (class sub-folders), else None.
+reason (`source.read_encoded(i)` the same, but a JPEG's bytes, 1-D, where a device decoder can take them);
+`source.labels` holds class ids where the layout has them (class sub-folders), else None.
 Labels are for evaluation only: training never reads them.
 """
 import gzip
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .decode import BadImage, decode_image
+from .decode import BadImage, decode_image, read_jpeg
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 FASHION_MNIST_DIR = Path(os.environ.get("DINOKIT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
@@ -31,6 +32,8 @@ class ArraySource:
 
     def read(self, i: int) -> torch.Tensor:
         return self.images[i]
+
+    read_encoded = read  # decoded already
 
 
 class FolderSource:
@@ -58,6 +61,11 @@ class FolderSource:
 
     def read(self, i: int) -> torch.Tensor:
         return decode_image(self.paths[i])
+
+    def read_encoded(self, i: int) -> torch.Tensor:
+        path = self.paths[i]
+        data = read_jpeg(path) if path.lower().endswith((".jpg", ".jpeg")) else None
+        return decode_image(path) if data is None else data
 
 
 def _read_idx(path: Path, offset: int) -> np.ndarray:

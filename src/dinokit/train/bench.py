@@ -13,11 +13,10 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..data.loader import EpochBatches, epoch_loader
 from ..data.multicrop import MultiCrop
-from .config import resolve
+from .config import resolve, resolve_decode
 from ..eval.common import pick_device
-from .engine import Trainer, build_data, ema_update_
+from .engine import Trainer, build_data, ema_update_, epoch_batches
 from .presets import PRESETS
 
 PARTS = ("data", "teacher", "student", "optimizer", "ema")
@@ -38,12 +37,11 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds
     return 2 * n ** 3 / best
 
 
-def batches_forever(source, multicrop: MultiCrop, cfg, start_epoch: int = 0):
-    """(epoch, index, geometric crops) of readable batches, epoch after epoch."""
+def batches_forever(source, multicrop: MultiCrop, cfg, device: torch.device, start_epoch: int = 0):
+    """(epoch, index, geometric crops) of readable batches, epoch after epoch, as the training loop gets them."""
     epoch = start_epoch
     while True:
-        for index, crops, _ in epoch_loader(EpochBatches(source, multicrop, cfg.batch_size, epoch, cfg.seed),
-                                           cfg.num_workers):
+        for index, crops, _ in epoch_batches(cfg, source, multicrop, device, epoch):
             if crops is not None:
                 yield epoch, index, crops
         epoch += 1
@@ -108,7 +106,7 @@ def benchmark(cfg, steps: int = 10, warmup: int = 3) -> dict:
     trainer = Trainer(cfg, device, steps_per_epoch, total_steps)
     # Time steps after the last layer's freeze: the whole run but its first epoch trains every parameter.
     trainer.step = max(0, min(trainer.sched.freeze_last_layer_steps, total_steps - warmup - steps - 1))
-    batches = batches_forever(source, multicrop, cfg, trainer.step // steps_per_epoch)
+    batches = batches_forever(source, multicrop, cfg, device, trainer.step // steps_per_epoch)
 
     t = time.perf_counter()
     flops, flop_images = count_flops(trainer, batches, multicrop)  # also the first warm-up step
@@ -137,6 +135,7 @@ def benchmark(cfg, steps: int = 10, warmup: int = 3) -> dict:
     flops_per_image = flops / flop_images
     return {
         "config": cfg.to_dict(), "device": str(device), "precision": trainer.precision,
+        "decode": resolve_decode(cfg.decode, device.type), "num_workers": cfg.num_workers,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "compile": cfg.compile,
         "steps": steps, "warmup": warmup, "batch_size": cfg.batch_size, "first_step": trainer.step - steps,
         "images_per_s": images_per_s, "seconds": seconds, "warmup_s": warmup_s,
@@ -153,7 +152,8 @@ def benchmark(cfg, steps: int = 10, warmup: int = 3) -> dict:
 
 def table(r: dict) -> str:
     lines = [f"device {r['device']} ({r['threads']} threads), precision {r['precision']}, batch {r['batch_size']}, "
-             f"{r['steps']} steps after {r['warmup']} warm-up" + (", compiled" if r["compile"] else ""),
+             f"{r['steps']} steps after {r['warmup']} warm-up" + (", compiled" if r["compile"] else "")
+             + f", decode on {r['decode']} ({r['num_workers']} loader workers)",
              f"{'part':<10} {'ms/step':>9} {'%':>6}"]
     for k in PARTS:
         lines.append(f"{k:<10} {r['ms_per_step'][k]:>9.1f} {r['percent'][k]:>6.1f}")

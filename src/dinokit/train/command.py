@@ -30,6 +30,8 @@ def register(sub):
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (repeatable)")
     p.add_argument("--time-budget", type=parse_duration, help="fit the whole schedule into this long (e.g. 15m)")
+    p.add_argument("--steps", type=int,
+                   help="lay the schedule out for exactly N steps, warm-ups scaled (a time budget in steps)")
     p.add_argument("--max-steps", type=int, help="stop after N steps (the schedule stays laid out for the full run)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -43,7 +45,7 @@ def torchrun_args(args) -> list[str]:
     """The same command for each process that `--nproc` launches."""
     out = ["train", "--out", args.out]
     for flag, value in (("--data", args.data), ("--config", args.config), ("--preset", args.preset),
-                        ("--time-budget", args.time_budget), ("--max-steps", args.max_steps),
+                        ("--time-budget", args.time_budget), ("--steps", args.steps), ("--max-steps", args.max_steps),
                         ("--batch-size", args.batch_size)):
         if value is not None:
             out += [flag, str(value)]
@@ -56,6 +58,8 @@ def run(args):
     cfg = resolve(args.preset, args.config, args.sets, data=args.data, batch_size=args.batch_size)
     if args.max_steps is not None and args.max_steps <= 0:
         raise ValueError("--max-steps must be > 0")
+    if args.steps is not None and (args.steps <= 0 or args.time_budget is not None):
+        raise ValueError("--steps must be > 0, and cannot be given with --time-budget")
     if args.data and not args.data.startswith("fashion-mnist:") and not Path(args.data).is_dir():
         raise FileNotFoundError(f"data folder {args.data} does not exist")  # before anything is loaded
     if args.nproc < 1:
@@ -65,7 +69,7 @@ def run(args):
     distributed.init_from_env()
     try:
         summary = train(cfg, args.out, resume=args.resume, time_budget=args.time_budget,
-                        max_steps=args.max_steps, progress=not args.no_progress)
+                        max_steps=args.max_steps, progress=not args.no_progress, steps=args.steps)
     except CheckpointWriteError as e:  # disk full: one clear line, no traceback
         print(f"dinokit train: error: {e.strerror}", file=sys.stderr)
         return 1

@@ -17,6 +17,7 @@ class Config:
     data: str = "fashion-mnist:train"
     seed: int = 0
     num_workers: int = 0
+    decode: str = "auto"  # workers (Pillow, crops in loader workers) | device (JPEGs decoded and cropped on GPU) | auto
     # backbone: a named ViT, "vit" with the sizes below, or a torchvision convnet
     arch: str = "vit_small"
     patch_size: int = 16
@@ -106,6 +107,8 @@ class Config:
             errors.append(f"optimizer must be adamw or sgd (got {self.optimizer!r})")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             errors.append(f"precision must be auto, bf16, fp16 or fp32 (got {self.precision!r})")
+        if self.decode not in ("auto", "workers", "device"):
+            errors.append(f"decode must be auto, workers or device (got {self.decode!r})")
         if errors:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
         return self
@@ -131,6 +134,13 @@ def resolve_precision(precision: str, device_type: str) -> str:
     if device_type == "cuda" or (device_type == "cpu" and cpu_has_fast_bf16()):
         return "bf16"
     return "fp32"
+
+
+def resolve_decode(decode: str, device_type: str) -> str:
+    """`auto`: decode on the device with a GPU (nvJPEG), in the loader workers elsewhere."""
+    if decode != "auto":
+        return decode
+    return "device" if device_type == "cuda" else "workers"
 
 
 FIELDS = {f.name: f for f in fields(Config)}

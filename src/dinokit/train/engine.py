@@ -29,18 +29,18 @@ except ImportError:  # torch 2.4 and 2.5 (the project supports torch >= 2.4)
     from torch.distributed._tensor import DTensor
 from tqdm import tqdm
 
-from ..data.loader import EpochBatches, any_readable, epoch_loader, iters_per_epoch
+from ..data.loader import EpochBatches, any_readable, epoch_loader, iters_per_epoch, on_device
 from ..data.multicrop import MultiCrop
 from ..data.sources import open_source
 from ..eval.common import pick_device
 from ..loss import DINOLoss, PatchLoss, koleo_loss
-from ..models.convnets import convnet
+from ..models.convnets import CONVNETS, convnet
 from ..models.heads import DINOHead, MultiCropWrapper
 from ..models.vit import VIT_SIZES, VisionTransformer
 from ..models.weights import backbone_arch
 from . import distributed
 from .checkpoint import crash_for_tests, load_latest, save_checkpoint
-from .config import Config, apply, resolve_precision
+from .config import Config, apply, resolve_decode, resolve_precision
 from .monitor import CollapseWatch, MetricsLog, plot_curves, teacher_stats
 from .schedules import cosine_schedule
 
@@ -168,8 +168,10 @@ class Trainer:
         self.cfg, self.device = cfg, device
         self.precision = resolve_precision(cfg.precision, device.type)
         self.student, self.teacher = build_models(cfg)
-        self.student.to(device)
-        self.teacher.to(device)
+        # channels-last convolutions run faster on GPUs (tensor cores); ViTs have no convolution that matters
+        layout = torch.channels_last if device.type == "cuda" and cfg.arch in CONVNETS else torch.preserve_format
+        self.student.to(device, memory_format=layout)
+        self.teacher.to(device, memory_format=layout)
         if cfg.compile:  # in place, so state-dict keys stay the same; Inductor caches the code for later runs
             self.student.compile()
             self.teacher.compile()
@@ -363,6 +365,16 @@ def build_data(cfg: Config):
     return source, iters_per_epoch(len(source), cfg.batch_size), multicrop
 
 
+def epoch_batches(cfg: Config, source, multicrop: MultiCrop, device: torch.device, epoch: int, rank: int = 0,
+                  world: int = 1, start_batch: int = 0):
+    """An epoch's (index, geometric crops, skipped) batches: decoded and cropped in the loader workers, or
+    (decode = device) only read there, then decoded and cropped here on `device`."""
+    encoded = resolve_decode(cfg.decode, device.type) == "device"
+    loader = epoch_loader(EpochBatches(source, multicrop, cfg.batch_size, epoch, cfg.seed, rank, world, start_batch,
+                                       encoded), cfg.num_workers, pin_memory=device.type == "cuda")
+    return on_device(loader, source, multicrop, epoch, device) if encoded else loader
+
+
 def calibrate(cfg: Config, device, steps_per_epoch: int, batches, multicrop: MultiCrop,
               warmup: int = 2, timed: int = 5) -> float:
     """Seconds per step, measured on a throwaway trainer; the global RNG is left as it was."""
@@ -387,9 +399,10 @@ def calibrate(cfg: Config, device, steps_per_epoch: int, batches, multicrop: Mul
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: float | None = None,
-          max_steps: int | None = None, progress: bool = True) -> dict:
-    """Train; returns a summary. `time_budget` (seconds) sizes the schedule to fit; `max_steps` stops
-    early with the schedule laid out for the whole run."""
+          max_steps: int | None = None, progress: bool = True, steps: int | None = None) -> dict:
+    """Train; returns a summary. `time_budget` (seconds) sizes the schedule to fit; `steps` lays it out
+    for exactly that many steps (warm-ups scaled alike); `max_steps` stops early with the schedule laid out
+    for the whole run."""
     run_dir = Path(run_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -406,6 +419,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
     if ckpt is not None:
         saved = apply(Config(), ckpt["dinokit"]["config"]).validate()  # checked like any config: no surprises
         saved.fsdp = cfg.fsdp  # sharded or replicated may change on resume, like the process count
+        saved.decode = cfg.decode  # and where images are decoded (a GPU's decoder rounds a little differently)
         if saved != cfg:
             changed = [k for k in cfg.to_dict() if getattr(saved, k) != getattr(cfg, k)]
             log(f"resuming with the run's saved configuration (ignoring changes to: {', '.join(changed)})")
@@ -417,6 +431,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
     device = pick_device(cfg.device)
     source, steps_per_epoch, multicrop = build_data(cfg)
     total_steps = cfg.epochs * steps_per_epoch if ckpt is None else int(ckpt["dinokit"]["total_steps"])
+    if ckpt is None and steps is not None:
+        total_steps = steps
     started = time.time()
     reserve = 5.0 + 0.01 * (time_budget or 0)  # a budgeted run's final checkpoint and curves
 
@@ -424,8 +440,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
         return distributed.broadcast_int(
             max(1, int((started + time_budget - reserve - time.time()) / sec_per_step)))
     if ckpt is None and time_budget is not None:
-        probe_batches = epoch_loader(EpochBatches(source, multicrop, cfg.batch_size, 0, cfg.seed, rank, world),
-                                     cfg.num_workers)
+        probe_batches = epoch_batches(cfg, source, multicrop, device, 0, rank, world)
         sec_per_step = calibrate(cfg, device, steps_per_epoch, probe_batches, multicrop)
         total_steps = steps_that_fit(sec_per_step)
         log(f"time budget {time_budget:.0f}s: {sec_per_step * 1000:.0f} ms/step measured -> {total_steps} steps "
@@ -445,7 +460,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
             (run_dir / "config.yaml").write_text(yaml.safe_dump(
                 {**cfg.to_dict(), "resolved": {"total_steps": trainer.total_steps, "steps_per_epoch": steps_per_epoch,
                                                "world_size": world, "device": str(device),
-                                               "precision": trainer.precision}}, sort_keys=False))
+                                               "precision": trainer.precision,
+                                               "decode": resolve_decode(cfg.decode, device.type)}}, sort_keys=False))
     write_config()
     # A fresh budgeted run measures its pace again at 10, 30, 60, 80 and 90% of the way and re-lays the
     # schedule to end on time: a few calibration steps on a machine whose load changes can be off by a third.
@@ -510,8 +526,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
     with StopRequested() as stop:
         while trainer.step < stop_at and not stopping:
             epoch, start_batch = divmod(trainer.step, steps_per_epoch)
-            batches = epoch_loader(EpochBatches(source, multicrop, cfg.batch_size, epoch, cfg.seed, rank, world,
-                                                start_batch), cfg.num_workers)
+            batches = epoch_batches(cfg, source, multicrop, device, epoch, rank, world, start_batch)
             for index, crops, skipped in batches:
                 # A batch unreadable on one process is skipped by all; rank 0 reports every process's skips.
                 missing, some_skipped = distributed.any_process([crops is None, bool(skipped)])
