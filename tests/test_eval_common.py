@@ -2,6 +2,7 @@
 the --json line. Also the helpers the other test_eval_* files use."""
 import json
 from argparse import Namespace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -103,4 +104,34 @@ def test_cache_hits_same_weights_and_misses_changed_weights(tmp_path):
     save_vit(other, weights)
     f3, _, _ = common.cached_features(other, source, args, "cls", cls_features, common.transform_for(other))
     assert not torch.allclose(f1, f3)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+
+
+def test_small_images_are_evaluated_at_the_models_training_resolution(tmp_path):
+    """A ViT trained on 20-pixel crops sees 28-pixel test images at 20 (the whole image, resized); images no
+    larger than its resolution, and the pixel baseline, keep their size; large images take the paper's
+    resize and centre crop whatever the model."""
+    img = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
+    vit20 = VisionTransformer(img_size=20, patch_size=4, embed_dim=16, depth=1, num_heads=2)
+    x = common.transform_for(vit20)(img)
+    assert x.shape == (3, 20, 20)
+    resized = torch.nn.functional.interpolate(img[None].float() / 255, size=(20, 20), mode="bicubic",
+                                              antialias=True, align_corners=False)[0].clamp(0, 1)
+    torch.testing.assert_close(x, normalised(resized.permute(1, 2, 0).numpy() * 255), atol=1e-5, rtol=0)
+    assert common.transform_for(VisionTransformer(img_size=32, patch_size=4, embed_dim=16, depth=1,
+                                                  num_heads=2))(img).shape == (3, 28, 28)
+    assert common.transform_for(common.load_model("pixels"))(img).shape == (3, 28, 28)
+    wide = torch.randint(0, 256, (3, 28, 40), dtype=torch.uint8)
+    assert common.transform_for(vit20)(wide).shape == (3, 20, 20)  # shorter side to 20, the centre square
+    big = torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8)
+    assert common.transform_for(vit20)(big).shape == (3, 224, 224)
+    # features at another size are other features: the cache keeps them apart
+    source = open_source(str(write_images(tmp_path / "d", {f"{i}.png": np.full((28, 28, 3), 40 * i, np.uint8)
+                                                            for i in range(3)})))
+    weights = save_vit(vit20, tmp_path / "w.safetensors")
+    args = _args(weights)
+    a, _, _ = common.cached_features(vit20, source, args, "cls", cls_features, common.transform_for(vit20))
+    b, _, _ = common.cached_features(vit20, source, args, "cls", cls_features,
+                                     partial(common.eval_transform, normalize=True))
+    assert not torch.allclose(a, b)
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2

@@ -83,9 +83,11 @@ def require_vit(model: nn.Module, what: str):
 
 
 def transform_for(model: nn.Module, resize: int = 256, crop: int = 224):
-    """The evaluation transform; the pixel baseline takes the same geometry without mean/std."""
+    """The evaluation transform; the pixel baseline takes the same geometry without mean/std. A ViT's
+    training resolution (`img_size`: its global crops) caps the size of small images."""
     # a partial, not a closure: DataLoader workers may need to pickle it
-    return partial(eval_transform, resize=resize, crop=crop, normalize=not isinstance(model, Pixels))
+    return partial(eval_transform, resize=resize, crop=crop, normalize=not isinstance(model, Pixels),
+                   native=getattr(model, "img_size", None))
 
 
 # ---- feature cache ---------------------------------------------------------------------------------
@@ -127,7 +129,8 @@ def cached_features(model: nn.Module, source, args, kind: str, feature_fn, trans
     key = None
     if use_cache:
         wid = weights_key or weights_id(args.weights, getattr(args, "which", "teacher"))
-        key = hashlib.sha256(f"{wid}|{source_id(source)}|{kind}".encode()).hexdigest()[:32]
+        geometry = sorted(getattr(transform, "keywords", {}).items())  # features at another size are others
+        key = hashlib.sha256(f"{wid}|{source_id(source)}|{kind}|{geometry}".encode()).hexdigest()[:32]
         path = cache_dir() / f"{key}.safetensors"
         if path.is_file():
             try:

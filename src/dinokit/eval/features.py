@@ -11,10 +11,13 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def eval_transform(img: torch.Tensor, resize: int = 256, crop: int = 224, normalize: bool = True) -> torch.Tensor:
+def eval_transform(img: torch.Tensor, resize: int = 256, crop: int = 224, normalize: bool = True,
+                   native: int | None = None) -> torch.Tensor:
     """uint8 (3, H, W) -> normalised float. Large images: resize shorter side + centre crop (the paper's
-    protocol). Images already no larger than the crop are used as they are (e.g. 28 x 28 Fashion-MNIST).
-    `normalize=False` stops at [0, 1] pixels (the pixel baseline)."""
+    protocol). Images no larger than the crop are used whole: as they are (e.g. 28 x 28 Fashion-MNIST), or
+    brought down to `native`, the model's training resolution, when they are larger than it (the paper's
+    protocol likewise evaluates at the resolution it trained at). `normalize=False` stops at [0, 1] pixels
+    (the pixel baseline)."""
     x = img.float().div_(255)
     h, w = x.shape[-2:]
     if min(h, w) > crop:
@@ -23,6 +26,11 @@ def eval_transform(img: torch.Tensor, resize: int = 256, crop: int = 224, normal
         x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
         top, left = (x.shape[-2] - crop) // 2, (x.shape[-1] - crop) // 2
         x = x[:, top:top + crop, left:left + crop].clamp_(0, 1)
+    elif native and min(h, w) > native:  # shorter side to `native`, then the centre square
+        size = (max(native, round(h * native / min(h, w))), max(native, round(w * native / min(h, w))))
+        x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+        top, left = (size[0] - native) // 2, (size[1] - native) // 2
+        x = x[:, top:top + native, left:left + native].clamp_(0, 1)
     if not normalize:
         return x
     mean = torch.tensor(MEAN).view(3, 1, 1)
