@@ -151,6 +151,9 @@ class MultiCrop:
         """Float [0, 1] crops (on any device) -> augmented, normalised crops. Nothing here waits for the
         device: the draws are made on the CPU and cross over in one non-blocking copy per crop."""
         out = []
+        device = crops[0].device
+        mean = torch.tensor(MEAN).view(1, 3, 1, 1).to(device, non_blocking=True)
+        std = torch.tensor(STD).view(1, 3, 1, 1).to(device, non_blocking=True)
         for c, (x, spec) in enumerate(zip(crops, self.crops)):
             # draws 40-49: flip, jitter?, brightness, contrast, saturation, hue, grey?, blur?, sigma, solarize?
             u = self._draw(epoch, index, c, 40 + torch.arange(10), COLOUR_LOW, COLOUR_HIGH)
@@ -168,8 +171,6 @@ class MultiCrop:
                 x = gaussian_blur(x, torch.where(u[:, 7] < spec.blur_p, sigma, torch.zeros_like(sigma)))
             if spec.solarize_p > 0:
                 x = torch.where((solarize < spec.solarize_p) & (x >= 128 / 255), 1 - x, x)
-            mean = torch.tensor(MEAN).view(1, 3, 1, 1).to(x.device, non_blocking=True)
-            std = torch.tensor(STD).view(1, 3, 1, 1).to(x.device, non_blocking=True)
             out.append((x - mean) / std)
         return out
 

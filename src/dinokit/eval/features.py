@@ -19,23 +19,26 @@ def eval_transform(img: torch.Tensor, resize: int = 256, crop: int = 224, normal
     protocol likewise evaluates at the resolution it trained at). `normalize=False` stops at [0, 1] pixels
     (the pixel baseline)."""
     x = img.float().div_(255)
-    h, w = x.shape[-2:]
-    if min(h, w) > crop:
-        scale = resize / min(h, w)
-        size = (max(crop, round(h * scale)), max(crop, round(w * scale)))
-        x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
-        top, left = (x.shape[-2] - crop) // 2, (x.shape[-1] - crop) // 2
-        x = x[:, top:top + crop, left:left + crop].clamp_(0, 1)
-    elif native and min(h, w) > native:  # shorter side to `native`, then the centre square
-        size = (max(native, round(h * native / min(h, w))), max(native, round(w * native / min(h, w))))
-        x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
-        top, left = (size[0] - native) // 2, (size[1] - native) // 2
-        x = x[:, top:top + native, left:left + native].clamp_(0, 1)
+    if min(x.shape[-2:]) > crop:
+        x = resize_centre_crop(x, resize, crop)
+    elif native and min(x.shape[-2:]) > native:  # the whole image: shorter side to `native`, centre square
+        x = resize_centre_crop(x, native, native)
     if not normalize:
         return x
     mean = torch.tensor(MEAN).view(3, 1, 1)
     std = torch.tensor(STD).view(3, 1, 1)
     return (x - mean) / std
+
+
+def resize_centre_crop(x: torch.Tensor, short_side: int, crop: int) -> torch.Tensor:
+    """[0, 1] float (3, H, W): the shorter side resized to `short_side` (bicubic, antialiased), then the
+    centre crop x crop."""
+    h, w = x.shape[-2:]
+    scale = short_side / min(h, w)
+    size = (max(crop, round(h * scale)), max(crop, round(w * scale)))
+    x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+    top, left = (size[0] - crop) // 2, (size[1] - crop) // 2
+    return x[:, top:top + crop, left:left + crop].clamp_(0, 1)
 
 
 class _EvalImages(Dataset):
