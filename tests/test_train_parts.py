@@ -20,6 +20,24 @@ def tiny_config(**kw) -> Config:
     return Config(**{**TINY, **kw}).validate()
 
 
+@pytest.mark.parametrize("ncrops", [2, 4])
+def test_dino_loss_is_the_mean_over_cross_view_pairs(ncrops):
+    """The paper's loss: for each teacher global view iq and each student view v != iq, the cross-entropy
+    -softmax((t_iq - c) / tt) . log_softmax(s_v / ts), averaged over pairs and batch; two views give 2 pairs."""
+    g = torch.Generator().manual_seed(ncrops)
+    B, K, tt, ts = 5, 16, 0.04, 0.1
+    student, teacher = torch.randn(ncrops * B, K, generator=g), torch.randn(2 * B, K, generator=g)
+    loss_fn = dinokit.DINOLoss(K, ncrops, ts, center_momentum=0.9)
+    loss_fn.center.copy_(torch.randn(1, K, generator=g))
+    center = loss_fn.center.clone()
+    q = torch.softmax((teacher - center) / tt, -1).chunk(2)
+    logp = torch.log_softmax(student / ts, -1).chunk(ncrops)
+    pairs = [-(q[i] * logp[v]).sum(-1).mean() for i in range(2) for v in range(ncrops) if v != i]
+    assert len(pairs) == 2 * ncrops - 2
+    torch.testing.assert_close(loss_fn(student, teacher, tt), torch.stack(pairs).mean())
+    torch.testing.assert_close(loss_fn.center, 0.9 * center + 0.1 * teacher.mean(0, keepdim=True))
+
+
 def test_ema_update_matches_formula():
     torch.manual_seed(0)
     teacher, student = nn.Linear(3, 4), nn.Linear(3, 4)
