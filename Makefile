@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test data
+.PHONY: demo test data browser
 
 $(VENV)/.base: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,8 +22,15 @@ data:
 	@test -f $(FMNIST) || { echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
 
+# Debian's Chromium and its driver, for the browser tests of `dinokit explore`; without them those tests skip.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  echo "installing Chromium for the browser tests (Debian packages chromium, chromium-driver)"; \
+	  { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	    chromium-driver; } || echo "could not install chromium: the browser tests of dinokit explore will skip"; }
+
 demo: $(VENV)/.base data
 	$(BIN)/python -m dinokit demo
 
-test: $(VENV)/.test data
+test: $(VENV)/.test data browser
 	$(BIN)/python -m pytest -q

@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from test_train_run import write_fmnist_pngs
+from test_loop import write_fmnist_pngs
 
 
 def test_demo_runs_end_to_end(tmp_path, monkeypatch):

@@ -15,9 +15,9 @@ import yaml
 from dinokit.cli import main as cli_main
 from dinokit.models.weights import safe_load
 from dinokit.train.config import Config
-from dinokit.train.engine import train
+from dinokit.train.loop import train
 
-from test_train_run import TINY, write_fmnist_pngs
+from test_loop import TINY, write_fmnist_pngs
 
 # Drop path draws its masks from each process's own RNG, so 1 and 2 processes would drop different paths:
 # off here, which makes the two set-ups compute the same thing up to float rounding.
@@ -110,7 +110,7 @@ def test_fsdp_matches_ddp_and_its_checkpoint_loads_anywhere(setup, ddp_run):
         assert_close(fsdp["optimizer"]["state"][i], state)
     # Resumed sharded in 2 processes (the full checkpoint split into shards) to step 9, then in 1 process
     # (the gathered checkpoint as it is) to the end: where one process alone ends.
-    r = torchrun(setup, setup / "fsdp", "--max-steps", "3", "--resume", "--set", "fsdp=true")
+    r = torchrun(setup, setup / "fsdp", "--max-steps", "9", "--resume", "--set", "fsdp=true")
     assert r.returncode == 0, r.stderr[-3000:]
     assert safe_load(setup / "fsdp" / "checkpoint.pt")["dinokit"]["step"] == 9
     assert yaml.safe_load((setup / "fsdp" / "config.yaml").read_text())["fsdp"] is True

@@ -9,13 +9,14 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from dinokit.data.decode import decode_jpegs
-from dinokit.data.loader import EpochBatches, epoch_loader, on_device
+from dinokit.data import loader
+from dinokit.data.decode import decode_jpegs, read_jpeg
+from dinokit.data.loader import RunBatches, batch_loader, decode_on_device
 from dinokit.data.multicrop import MultiCrop, gaussian_blur, pad_to_canvas
 from dinokit.data.sources import FolderSource
 from dinokit.models.weights import safe_load
 from dinokit.train.config import Config, resolve_decode
-from dinokit.train.engine import train
+from dinokit.train.loop import train
 
 CPU = torch.device("cpu")
 
@@ -36,7 +37,7 @@ def jpeg_folder(root, n_good: int, seed: int = 0):
     photo(rng, 60, 45, "CMYK").save(root / "cmyk.jpg")  # Pillow decodes it in the workers: nvJPEG cannot
     photo(rng, 48, 64).save(root / "lossless.png")
     good = (root / "000.jpg").read_bytes()
-    (root / "truncated.jpg").write_bytes(good[:len(good) // 2])  # neither decoder can use it
+    (root / "truncated.jpg").write_bytes(good[:len(good) // 2])  # Pillow refuses it (nvJPEG would fill it in)
     (root / "text.jpg").write_text("not an image")
     # the second half of the scan data scrambled (no 0xff byte, so no marker): torchvision's libjpeg refuses
     # it, Pillow reads it with a warning
@@ -67,17 +68,19 @@ def test_canvas_crops_equal_size_grouped_crops():
         assert torch.equal(padded.float(), expected)
 
 
-def test_device_decode_matches_workers_and_skips_the_same_files(tmp_path):
+def test_device_decode_matches_workers_and_skips_the_same_files(tmp_path, monkeypatch):
     odd = jpeg_folder(tmp_path, 9)
     source = FolderSource(tmp_path)
     paths = source.paths
-    # the workers read (not decode) the JPEGs a device decoder takes whole; the rest they decode as before
+    # the workers read (not decode) the JPEGs a device decoder takes whole; the rest they decode as before,
+    # the scrambled file too: cut short (no end-of-image marker), it is Pillow's to accept or refuse
     kinds = {p.rsplit("/", 1)[-1]: source.read_encoded(i).ndim for i, p in enumerate(paths)
              if not p.endswith(("truncated.jpg", "text.jpg"))}
-    assert kinds.pop("cmyk.jpg") == 3 and kinds.pop("lossless.png") == 3
+    assert kinds.pop("cmyk.jpg") == 3 and kinds.pop("lossless.png") == 3 and kinds.pop("scrambled.jpg") == 3
     assert set(kinds.values()) == {1}
-    # libjpeg refuses the scrambled file, alone or in a batch; Pillow is left to decode it
-    scrambled = source.read_encoded(paths.index(str(odd["scrambled"])))
+    assert read_jpeg(str(odd["truncated"])) is None and read_jpeg(str(tmp_path / "000.jpg")) is not None
+    # libjpeg refuses the scrambled bytes, alone or in a batch; the caller is left to decode them with Pillow
+    scrambled = torch.frombuffer(bytearray(odd["scrambled"].read_bytes()), dtype=torch.uint8)
     good = source.read_encoded(paths.index(str(tmp_path / "000.jpg")))
     assert decode_jpegs([scrambled], CPU) == [None]
     out = decode_jpegs([good, scrambled, good], CPU)
@@ -85,16 +88,58 @@ def test_device_decode_matches_workers_and_skips_the_same_files(tmp_path):
 
     mc = MultiCrop(global_size=32, local_size=16, local_crops=2, seed=1)
     n = len(source)  # one batch of every file
-    workers = list(epoch_loader(EpochBatches(source, mc, n, 0, 0), 0))
-    device = list(on_device(epoch_loader(EpochBatches(source, mc, n, 0, 0, encoded=True), 0), source, mc, 0, CPU))
-    assert len(workers) == len(device) == 1
-    (index_w, crops_w, skipped_w), (index_d, crops_d, skipped_d) = workers[0], device[0]
-    assert torch.equal(index_w, index_d) and len(index_d) == n - 2
-    assert sorted(map(tuple, skipped_w)) == sorted(map(tuple, skipped_d))
-    assert sorted(p for p, _ in skipped_d) == sorted(str(odd[k]) for k in ("truncated", "text"))
-    diff = torch.cat([(a - b).abs().flatten() for a, b in zip(crops_w, crops_d)])
-    # libjpeg-turbo in torchvision and in Pillow: identical pixels here; other builds may round differently
-    assert diff.mean() < 0.5 / 255 and diff.max() <= 4 / 255, (diff.mean(), diff.max())
+    workers = list(batch_loader(RunBatches(source, mc, n, seed=0, length=1), 0))
+
+    def on_device():
+        return list(decode_on_device(batch_loader(RunBatches(source, mc, n, seed=0, encoded=True, length=1), 0),
+                                     source, mc, CPU))
+
+    # the device decoder refusing a JPEG sends it to Pillow: the same batch either way
+    first = str(tmp_path / "001.jpg")
+    refused = []
+
+    def refusing(data, device):
+        out = decode_jpegs(data, device)
+        refused.extend(j for j, d in enumerate(data) if torch.equal(d, read_jpeg(first)))
+        return [None if j in refused else im for j, im in enumerate(out)]
+
+    for decoder in (decode_jpegs, refusing):
+        monkeypatch.setattr(loader, "decode_jpegs", decoder)
+        device = on_device()
+        assert len(workers) == len(device) == 1
+        (_, index_w, crops_w, skipped_w), (_, index_d, crops_d, skipped_d) = workers[0], device[0]
+        assert torch.equal(index_w, index_d) and len(index_d) == n - 2
+        assert sorted(map(tuple, skipped_w)) == sorted(map(tuple, skipped_d))
+        assert sorted(p for p, _ in skipped_d) == sorted(str(odd[k]) for k in ("truncated", "text"))
+        diff = torch.cat([(a - b).abs().flatten() for a, b in zip(crops_w, crops_d)])
+        # libjpeg-turbo in torchvision and in Pillow: identical pixels here; other builds may round differently
+        assert diff.mean() < 0.5 / 255 and diff.max() <= 4 / 255, (diff.mean(), diff.max())
+    assert len(refused) == 1  # the refusal did happen
+
+
+def test_a_lenient_device_decoder_skips_what_pillow_skips(tmp_path, monkeypatch):
+    """nvJPEG decodes a JPEG cut short (filling in the rest) where Pillow refuses it. A stand-in decoder that
+    accepts anything shows the rule holds by construction: files cut short never reach the device decoder."""
+    odd = jpeg_folder(tmp_path, 6)
+    (tmp_path / "no_end.jpg").write_bytes((tmp_path / "000.jpg").read_bytes()[:-2])  # only the EOI marker cut
+    source = FolderSource(tmp_path)
+    mc = MultiCrop(global_size=32, local_size=16, local_crops=2, seed=1)
+    seen = []
+
+    def lenient(data, device):
+        seen.extend(data)
+        return [torch.full((3, 40, 50), 128, dtype=torch.uint8, device=device) for _ in data]
+
+    monkeypatch.setattr(loader, "decode_jpegs", lenient)
+    n = len(source)
+    [(_, _, _, skipped_w)] = list(batch_loader(RunBatches(source, mc, n, seed=0, length=1), 0))
+    [(_, _, _, skipped_d)] = list(decode_on_device(
+        batch_loader(RunBatches(source, mc, n, seed=0, encoded=True, length=1), 0), source, mc, CPU))
+    assert sorted(map(tuple, skipped_d)) == sorted(map(tuple, skipped_w))
+    assert sorted(p for p, _ in skipped_d) == sorted([str(odd["truncated"]), str(odd["text"]),
+                                                      str(tmp_path / "no_end.jpg")])
+    assert all("truncated" in reason for p, reason in skipped_d if not p.endswith("text.jpg"))
+    assert len(seen) == 6 + 1  # the six photos and the grey one: complete JPEGs only
 
 
 def reference_blur(x: torch.Tensor, sigma: list[float]) -> torch.Tensor:
@@ -140,13 +185,15 @@ TINY = dict(arch="vit", patch_size=4, embed_dim=32, depth=2, num_heads=2, out_di
             epochs=1, warmup_epochs=1, precision="fp32", log_every=1, save_every_steps=2)
 
 
-def test_training_with_device_decode_runs_and_reports_skips(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_training_with_device_decode_runs_and_reports_skips(tmp_path, device):
     folder = tmp_path / "images"
     folder.mkdir()
     odd = jpeg_folder(folder, 14)
     runs = {}
     for decode in ("device", "workers"):
-        cfg = Config(**TINY, decode=decode, data=str(folder)).validate()
+        cfg = Config(**TINY, decode=decode, data=str(folder), device=device).validate()
         summary = train(cfg, tmp_path / decode, max_steps=2, progress=False)
         assert summary["step"] == 2 and summary["skipped"] == 2
         runs[decode] = safe_load(tmp_path / decode / "checkpoint.pt")["teacher"]
@@ -164,10 +211,10 @@ def test_gpu_crops_match_cpu_without_syncs(tmp_path):
     source = FolderSource(tmp_path)
     mc = MultiCrop(global_size=64, local_size=32, local_crops=4, seed=3)
     cuda = torch.device("cuda")
-    batches = lambda encoded: epoch_loader(EpochBatches(source, mc, len(source), 0, 0, encoded=encoded), 0,
+    batches = lambda encoded: batch_loader(RunBatches(source, mc, len(source), seed=0, encoded=encoded, length=1), 0,
                                            pin_memory=encoded)
-    index, crops_cpu, _ = next(iter(batches(False)))
-    index_gpu, crops_gpu, _ = next(on_device(batches(True), source, mc, 0, cuda))
+    _, index, crops_cpu, _ = next(iter(batches(False)))
+    _, index_gpu, crops_gpu, _ = next(decode_on_device(batches(True), source, mc, cuda))
     assert torch.equal(index, index_gpu)
     diff = torch.cat([(a.cpu() - b).abs().flatten() for a, b in zip(crops_gpu, crops_cpu)])
     assert diff.mean() < 1 / 255, diff.mean()  # nvJPEG rounds a little differently from libjpeg

@@ -18,8 +18,8 @@ from dinokit.cli import main as cli_main
 from dinokit.models.weights import safe_load
 from dinokit.train.checkpoint import CheckpointWriteError, load_latest
 from dinokit.train.config import Config, resolve
-from dinokit.train.engine import StopRequested, train
-from test_train_run import TINY, write_fmnist_pngs
+from dinokit.train.loop import train
+from test_loop import TINY, write_fmnist_pngs
 from test_weights import WritesAFile, tiny_vit
 
 STEPS = 12  # TINY on 48 images: 6 steps per epoch, 2 epochs, a checkpoint every 2 steps
@@ -92,6 +92,29 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(folder, tmp_path, referen
     assert not (run / "checkpoint.pt.new").exists() and not (run / "checkpoint.pt.new.tmp").exists()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # steps run twice are logged once
+
+
+def test_the_same_command_requeued_after_kills_ends_where_an_uninterrupted_run_does(folder, tmp_path):
+    """--max-steps is the run's total, as in Hugging Face's Trainer and Lightning: a preempted job requeued with
+    the very same command line (--resume included, from the first launch on) ends at the same step, with the
+    same weights as a run that was never stopped."""
+    config = tiny_config(tmp_path)
+    straight = tmp_path / "straight"
+    assert run_cli(train_args(folder, straight, config, "--max-steps", "10")).returncode == 0
+    run = tmp_path / "requeued"
+    command = train_args(folder, run, config, "--resume", "--max-steps", "10")  # never changes
+    kills = ["step:3", "write:6", "step:8"]  # a kill mid-step, mid-checkpoint, mid-step again
+    for attempt in range(len(kills) + 1):
+        r = run_cli(command, kill_at=kills[attempt] if attempt < len(kills) else None)
+        if r.returncode == 0:
+            break
+        assert r.returncode == -signal.SIGKILL, r.stderr
+    assert attempt == len(kills) and r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["step"] == 10
+    assert_same_teacher(run, safe_load(straight / "checkpoint.pt")["teacher"])
+    again = run_cli(command)  # requeued once more after it finished: nothing left to do, nothing changes
+    assert again.returncode == 0 and json.loads(again.stdout.splitlines()[-1])["step"] == 10
+    assert_same_teacher(run, safe_load(straight / "checkpoint.pt")["teacher"])
 
 
 def flip_a_byte(data: bytes) -> bytes:
@@ -168,7 +191,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(folder, tmp_path, 
     assert sorted(p.name for p in run.glob("checkpoint*")) == ["checkpoint.pt"]  # no temporary file left
     assert load_latest(run)["dinokit"]["step"] == 2
     monkeypatch.setattr(torch, "save", real_save)  # space freed: the run goes on
-    assert cli_main([*cmd, "--resume", "--max-steps", "2"]) == 0
+    assert cli_main([*cmd, "--resume", "--max-steps", "4"]) == 0
     assert step_of(run / "checkpoint.pt") == 4
 
 
@@ -218,7 +241,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(folder, tmp_path):
     summary = json.loads(out.splitlines()[-1])
     assert summary["stopped_by_signal"] and 3 <= summary["step"] < summary["total_steps"]
     assert step_of(run / "checkpoint.pt") == summary["step"]  # saved where it stopped, not at a save point
-    r = run_cli(train_args(folder, run, config, "--resume", "--max-steps", "2"))
+    r = run_cli(train_args(folder, run, config, "--resume", "--max-steps", str(summary["step"] + 2)))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[-1])["step"] == summary["step"] + 2
 
@@ -226,7 +249,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(folder, tmp_path):
 def test_second_signal_exits_at_once(tmp_path):
     script = (
         "import os, signal, time\n"
-        "from dinokit.train.engine import StopRequested\n"
+        "from dinokit.train.loop import StopRequested\n"
         "with StopRequested() as stop:\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    assert stop.requested\n"

@@ -51,7 +51,7 @@ def official_checkpoint(teacher: VisionTransformer, student: VisionTransformer) 
         return MultiCropWrapper(backbone, DINOHead(backbone.embed_dim, 64, hidden_dim=32, bottleneck_dim=16))
     s, t = wrapped(student, 1), wrapped(teacher, 2)
     optimizer = torch.optim.AdamW(s.parameters())
-    s(images(32)).sum().backward()
+    s(images(32)).logits.sum().backward()
     optimizer.step()  # gives the optimizer state real tensors, as in a real checkpoint
     args = argparse.Namespace(arch="vit_small", patch_size=8, out_dim=64, norm_last_layer=True, lr=0.0005,
                               global_crops_scale=(0.4, 1.0), output_dir=".", dist_url="env://", seed=0)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torchvision.ops import roi_align
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+from .normalize import mean_std
+
 # Ranges of the colour draws 40-49 (ColorJitter(0.4, 0.4, 0.2, 0.1) and the paper's blur sigmas at 224 px)
 COLOUR_LOW = (0.0, 0.0, 0.6, 0.6, 0.8, -0.1, 0.0, 0.0, 0.1, 0.0)
 COLOUR_HIGH = (1.0, 1.0, 1.4, 1.4, 1.2, 0.1, 1.0, 1.0, 2.0, 1.0)
@@ -59,12 +59,28 @@ class CropSpec:
 
 
 class MultiCrop:
+    """DINO's views of each image: 2 global crops and `local_crops` local ones, each resized-cropped, flipped,
+    colour-jittered, sometimes greyed, blurred and solarised as the paper's `DataAugmentationDINO` does, with
+    its probabilities as defaults. `geometric` cuts the crops (in loader workers or on the GPU),
+    `photometric` does the rest on whole batches.
+
+    >>> mc = MultiCrop(global_size=32, local_size=16, local_crops=4)
+    >>> images, index = torch.randint(0, 256, (8, 3, 48, 48), dtype=torch.uint8), torch.arange(8)
+    >>> views = mc.photometric(mc.geometric(images, index, epoch=0), index, epoch=0)
+    >>> [tuple(v.shape) for v in views][:3]
+    [(8, 3, 32, 32), (8, 3, 32, 32), (8, 3, 16, 16)]
+    """
+
     def __init__(self, global_size: int = 224, local_size: int = 96, local_crops: int = 8,
-                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), seed: int = 0):
+                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), seed: int = 0, flip_p: float = 0.5,
+                 jitter_p: float = 0.8, grayscale_p: float = 0.2, global_blur_p: tuple[float, float] = (1.0, 0.1),
+                 local_blur_p: float = 0.5, solarize_p: float = 0.2):
         self.seed = seed
-        self.crops = [CropSpec(global_size, tuple(global_scale), 1.0, 0.0),
-                      CropSpec(global_size, tuple(global_scale), 0.1, 0.2)]
-        self.crops += [CropSpec(local_size, tuple(local_scale), 0.5, 0.0) for _ in range(local_crops)]
+        self.flip_p, self.jitter_p, self.grayscale_p = flip_p, jitter_p, grayscale_p
+        # solarisation: the second global view only
+        self.crops = [CropSpec(global_size, tuple(global_scale), global_blur_p[0], 0.0),
+                      CropSpec(global_size, tuple(global_scale), global_blur_p[1], solarize_p)]
+        self.crops += [CropSpec(local_size, tuple(local_scale), local_blur_p, 0.0) for _ in range(local_crops)]
         # Blur radii are the paper's (0.1, 2.0) px at 224 (global) and 96 (local), scaled to our crop sizes.
         self.blur_scale = [global_size / 224] * 2 + [local_size / 96] * local_crops
 
@@ -104,13 +120,17 @@ class MultiCrop:
         return box
 
     def geometric(self, images: torch.Tensor | list[torch.Tensor], index: torch.Tensor, epoch: int,
-                  canvas: bool | None = None):
+                  canvas: bool | None = None, full_sizes: torch.Tensor | None = None,
+                  shrink: torch.Tensor | None = None):
         """uint8 images (a batch tensor, or a list of (3, H, W) of any sizes) -> one float [0, 1] tensor
         (B, 3, S, S) per crop, on the images' device.
 
         Images of different sizes are cropped by size group (`canvas` false: the CPU's way, bit for bit as
         ever), or all at once on a common canvas (`canvas` true; by default when the images are on a GPU,
-        where nearly every JPEG has its own size and a group per image would mean a kernel per image)."""
+        where nearly every JPEG has its own size and a group per image would mean a kernel per image).
+
+        `full_sizes` (N, 2) and `shrink` (N,): images decoded at 1/shrink of their full (H, W) size; their crop
+        boxes are drawn on the full size, as for the image decoded whole, and scaled down."""
         device = images.device if isinstance(images, torch.Tensor) else images[0].device
         if canvas is None:
             canvas = device.type != "cpu"
@@ -120,6 +140,8 @@ class MultiCrop:
         else:
             sizes = torch.tensor([im.shape[-2:] for im in images], dtype=torch.float)
             height, width = sizes[:, 0], sizes[:, 1]
+            if full_sizes is not None:
+                height, width = full_sizes[:, 0].float(), full_sizes[:, 1].float()
             if canvas:
                 groups = [(pad_to_canvas(images), None)]
             else:
@@ -131,6 +153,8 @@ class MultiCrop:
         out = []
         for c, spec in enumerate(self.crops):
             boxes = self.crop_boxes(epoch, index, c, height, width)  # each sample's from its own size
+            if shrink is not None:
+                boxes = boxes / shrink.view(-1, 1)
             parts = []
             for batch, pos in groups:
                 group_boxes = boxes if pos is None else boxes[pos]
@@ -149,23 +173,24 @@ class MultiCrop:
     # ---- photometric -----------------------------------------------------------------------------
     def photometric(self, crops: list[torch.Tensor], index: torch.Tensor, epoch: int) -> list[torch.Tensor]:
         """Float [0, 1] crops (on any device) -> augmented, normalised crops. Nothing here waits for the
-        device: the draws are made on the CPU and cross over in one non-blocking copy per crop."""
+        device: the draws are made on the CPU and cross over in one non-blocking copy per crop. Grey crops on
+        the CPU skip the colour operations that leave grey unchanged (saturation, hue, greyscale): a third
+        of the work for nothing (checking the crops on a GPU would make it wait)."""
         out = []
-        device = crops[0].device
-        mean = torch.tensor(MEAN).view(1, 3, 1, 1).to(device, non_blocking=True)
-        std = torch.tensor(STD).view(1, 3, 1, 1).to(device, non_blocking=True)
+        mean, std = mean_std(crops[0].device)
         for c, (x, spec) in enumerate(zip(crops, self.crops)):
             # draws 40-49: flip, jitter?, brightness, contrast, saturation, hue, grey?, blur?, sigma, solarize?
             u = self._draw(epoch, index, c, 40 + torch.arange(10), COLOUR_LOW, COLOUR_HIGH)
             draws = u.T.contiguous().to(x.device, non_blocking=True)
             flip, jitter, brightness, contrast, saturation, hue, gray, _, _, solarize = draws.view(10, -1, 1, 1, 1)
-            x = torch.where(flip < 0.5, x.flip(-1), x)
-            y = adjust_brightness(x, brightness)
-            y = adjust_contrast(y, contrast)
-            y = adjust_saturation(y, saturation)
-            y = adjust_hue(y, hue)
-            x = torch.where(jitter < 0.8, y, x)
-            x = torch.where(gray < 0.2, grayscale(x).expand_as(x), x)
+            x = torch.where(flip < self.flip_p, x.flip(-1), x)
+            grey = x.device.type == "cpu" and torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
+            y = adjust_contrast(adjust_brightness(x, brightness), contrast)
+            if not grey:
+                y = adjust_hue(adjust_saturation(y, saturation), hue)
+            x = torch.where(jitter < self.jitter_p, y, x)
+            if not grey:
+                x = torch.where(gray < self.grayscale_p, grayscale(x).expand_as(x), x)
             if spec.blur_p > 0:  # sigma read on the CPU: its kernel size is chosen there, with no sync
                 sigma = u[:, 8] * self.blur_scale[c]
                 x = gaussian_blur(x, torch.where(u[:, 7] < spec.blur_p, sigma, torch.zeros_like(sigma)))

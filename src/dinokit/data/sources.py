@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .decode import BadImage, decode_image, read_jpeg
+from .decode import decode_image, read_jpeg
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 FASHION_MNIST_DIR = Path(os.environ.get("DINOKIT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
@@ -95,3 +95,25 @@ def open_source(spec: str) -> ArraySource | FolderSource:
     if spec.startswith("fashion-mnist:"):
         return fashion_mnist(spec.split(":", 1)[1])
     return FolderSource(spec)
+
+
+def image_stats(source, sample: int = 256, seed: int = 0) -> dict:
+    """What the `auto` preset needs to know about a source: its size, the median short side of its images and
+    whether they are grey, from a seeded sample of file headers (in-memory sources: their tensor's shape)."""
+    if isinstance(source, ArraySource):
+        images = source.images
+        grey = bool(images.shape[1] == 1 or torch.equal(images[:64, 0], images[:64, 1]))
+        return {"images": len(source), "short_side": int(min(images.shape[-2:])), "grey": grey}
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    sides, grey = [], 0
+    for i in rng.permutation(len(source))[:sample].tolist():
+        try:
+            with Image.open(source.paths[i]) as im:  # the header only: no decoding
+                sides.append(min(im.size))
+                grey += im.mode in ("L", "LA", "I", "I;16", "F", "1")
+        except Exception:  # unreadable files are the loader's to report
+            continue
+    if not sides:
+        raise ValueError(f"no readable image among {min(sample, len(source))} files of {source.name}")
+    return {"images": len(source), "short_side": int(np.median(sides)), "grey": grey > len(sides) / 2}

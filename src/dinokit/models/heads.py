@@ -1,9 +1,11 @@
 """DINO projection head: MLP, L2-normalised bottleneck, weight-normalised prototypes."""
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .vit import _init_weights
+from .vit import VisionTransformer, _init_weights  # noqa: F401 (VisionTransformer: the docstring example)
 
 
 class WeightNormLinear(nn.Module):
@@ -30,6 +32,14 @@ class WeightNormLinear(nn.Module):
 
 
 class DINOHead(nn.Module):
+    """The projection head: an MLP (GELU, optionally BatchNorm) to an L2-normalised bottleneck, then a
+    weight-normalised linear layer to the K prototypes' logits. Truncated-normal init, std 0.02.
+
+    >>> head = DINOHead(in_dim=384, out_dim=65536)  # the paper's: 2048 hidden, 256 bottleneck
+    >>> tuple(head(torch.randn(2, 384)).shape)
+    (2, 65536)
+    """
+
     def __init__(self, in_dim: int, out_dim: int, use_bn: bool = False, norm_last_layer: bool = True,
                  nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256):
         super().__init__()
@@ -52,11 +62,24 @@ class DINOHead(nn.Module):
         return self.last_layer(x)
 
 
+class MultiCropOutput(NamedTuple):
+    """What `MultiCropWrapper` returns, whatever it was asked for."""
+    logits: torch.Tensor  # head outputs of every crop's [CLS], crop-major: (crops * B, K)
+    features: torch.Tensor  # the backbone's [CLS] features under them: (crops * B, D)
+    patch_logits: torch.Tensor | None = None  # head outputs of the global views' patch tokens, when asked
+
+
 class MultiCropWrapper(nn.Module):
     """Backbone + head over a list of crops: crops of one resolution share a backbone forward.
 
     With `mask_token`, it also serves the iBOT patch term (a ViT backbone): the leading group of same-size
     crops (the global views) can have patches masked, and their patch tokens go through the head too.
+
+    >>> model = MultiCropWrapper(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3),
+    ...                          DINOHead(48, 100, hidden_dim=64, bottleneck_dim=16))
+    >>> out = model([torch.randn(4, 3, 32, 32)] * 2 + [torch.randn(4, 3, 16, 16)] * 3)
+    >>> tuple(out.logits.shape), tuple(out.features.shape), out.patch_logits
+    ((20, 100), (20, 48), None)
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, mask_token: bool = False):
@@ -64,11 +87,11 @@ class MultiCropWrapper(nn.Module):
         self.backbone, self.head = backbone, head
         self.mask_token = nn.Parameter(torch.zeros(backbone.num_features)) if mask_token else None
 
-    def forward(self, crops, return_features: bool = False, masks: torch.Tensor | None = None,
-                return_patches: bool = False):
-        """Head outputs of every crop's [CLS], crop-major; then, as asked, the backbone's [CLS] features and
-        the head outputs of the global views' patch tokens: those under `masks` (bool, views * B x patches,
-        swapped for the mask token before the backbone), or all of them (views * B, patches, K)."""
+    def forward(self, crops: torch.Tensor | list[torch.Tensor], masks: torch.Tensor | None = None,
+                return_patches: bool = False) -> MultiCropOutput:
+        """`masks` (bool, views * B x patches): the global views' patches swapped for the mask token before the
+        backbone, and the head run on those positions' tokens; `return_patches`: the head run on all of the
+        global views' patch tokens, (views * B, patches, K)."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         feats, patches, start = [], None, 0
@@ -85,6 +108,4 @@ class MultiCropWrapper(nn.Module):
                 feats.append(self.backbone(x))
             start = end
         feats = torch.cat(feats)
-        out = [self.head(feats)] + ([feats] if return_features else []) + \
-              ([self.head(patches)] if patches is not None else [])
-        return out[0] if len(out) == 1 else tuple(out)
+        return MultiCropOutput(self.head(feats), feats, None if patches is None else self.head(patches))

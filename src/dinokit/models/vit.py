@@ -208,10 +208,11 @@ def _init_weights(m: nn.Module):
         nn.init.zeros_(m.bias)
 
 
-VIT_SIZES = {  # name: (embed_dim, depth, heads)
+VIT_SIZES = {  # name: (embed_dim, depth, heads); the one table of ViT sizes
     "vit_tiny": (192, 12, 3),
     "vit_small": (384, 12, 6),
     "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),  # not trained in the paper; its width tells ported weights' heads
 }
 
 

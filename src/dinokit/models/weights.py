@@ -24,9 +24,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, safe_open
 
 from .convnets import CONVNETS, convnet
-from .vit import VisionTransformer
-
-VIT_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16}
+from .vit import VIT_SIZES, VisionTransformer
 
 
 class UnsafeCheckpointError(ValueError):
@@ -187,13 +185,14 @@ def reference_to_hf(sd: dict) -> dict:
 
 def vit_arch_from_state_dict(sd: dict, num_heads: int | None = None) -> dict:
     """ViT constructor arguments implied by the tensors (heads cannot be seen: the standard sizes' are used)."""
+    heads_of_width = {width: heads for width, _, heads in VIT_SIZES.values()}
     dim = sd["cls_token"].shape[-1]
     stem_convs = sum(1 for k in sd if re.fullmatch(r"patch_embed\.stem\.\d+\.weight", k))
     patch = 2 ** stem_convs if stem_convs else sd["patch_embed.proj.weight"].shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     grid = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
     return dict(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth,
-                num_heads=num_heads or VIT_HEADS.get(dim, max(dim // 64, 1)),
+                num_heads=num_heads or heads_of_width.get(dim, max(dim // 64, 1)),
                 mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim, **({"stem": "conv"} if stem_convs else {}))
 
 
@@ -209,12 +208,17 @@ def _resnet_name(sd: dict) -> str:
     return known[(bottleneck, blocks)]
 
 
-def build_backbone(arch: dict) -> nn.Module:
-    """A backbone from an `arch` dict: {"name": "vit", **VisionTransformer kwargs} or {"name": "resnet50"}."""
+def build_backbone(arch: dict, drop_path_rate: float = 0.0) -> nn.Module:
+    """A backbone from an `arch` dict: {"name": "vit", **VisionTransformer kwargs} or {"name": "resnet50"}.
+    `drop_path_rate`: a ViT's stochastic depth (the training student's; 0 for inference).
+
+    >>> build_backbone({"name": "vit", "patch_size": 16, "embed_dim": 192, "depth": 2, "num_heads": 3}).embed_dim
+    192
+    """
     arch = dict(arch)
     name = arch.pop("name")
     if name == "vit":
-        return VisionTransformer(**arch)
+        return VisionTransformer(**arch, drop_path_rate=drop_path_rate)
     if name in CONVNETS:
         return convnet(name)
     raise ValueError(f"unknown backbone {name!r}")
@@ -247,11 +251,9 @@ def backbone_state_dict(obj: dict, which: str = "teacher") -> tuple[dict, dict |
     return sd, arch
 
 
-def load_backbone(path: str | Path, which: str = "teacher", num_heads: int | None = None) -> nn.Module:
-    """Build the backbone a weight file describes and load it (strict). See the module doc for formats.
-
-    `which` picks `teacher` (the paper's choice for evaluation) or `student` in a training checkpoint.
-    """
+def read_weight_file(path: str | Path) -> tuple[dict, dict | None]:
+    """The contents of any weight file or folder `load_backbone` reads, as a dict (a dinokit safetensors
+    export's recorded architecture folded in), and the Hugging Face config.json beside it, if any."""
     path = Path(path)
     hf_cfg = _hf_config(path)
     if path.is_dir():
@@ -267,15 +269,34 @@ def load_backbone(path: str | Path, which: str = "teacher", num_heads: int | Non
             meta = f.metadata() or {}
         if "dinokit_arch" in meta:
             obj = {"dinokit": {"arch": json.loads(meta["dinokit_arch"])}, "state_dict": obj}
+    return obj, hf_cfg
+
+
+def backbone_weights(obj: dict, which: str = "teacher", num_heads: int | None = None,
+                     hf_config: dict | None = None, name: str = "") -> tuple[dict, dict]:
+    """A weight file's backbone tensors (reference names) and its architecture, recorded or read from the
+    tensors' shapes (ViT heads: `num_heads`, the Hugging Face config's, or the standard width's)."""
     sd, arch = backbone_state_dict(obj, which)
     if arch is None:
         if "cls_token" in sd:
-            heads = num_heads or (hf_cfg or {}).get("num_attention_heads")
+            heads = num_heads or (hf_config or {}).get("num_attention_heads")
             arch = {"name": "vit", **vit_arch_from_state_dict(sd, heads)}
         elif "conv1.weight" in sd:
             arch = {"name": _resnet_name(sd)}
         else:
-            raise ValueError(f"{path}: no ViT or ResNet backbone recognised (first keys: {list(sd)[:5]})")
+            raise ValueError(f"{name}: no ViT or ResNet backbone recognised (first keys: {list(sd)[:5]})")
+    return sd, arch
+
+
+def load_backbone(path: str | Path, which: str = "teacher", num_heads: int | None = None) -> nn.Module:
+    """Build the backbone a weight file describes and load it (strict). See the module doc for formats.
+
+    `which` picks `teacher` (the paper's choice for evaluation) or `student` in a training checkpoint.
+
+    >>> model = load_backbone("dino_deitsmall16_pretrain.pth")  # doctest: +SKIP
+    """
+    obj, hf_config = read_weight_file(path)
+    sd, arch = backbone_weights(obj, which, num_heads, hf_config, str(path))
     model = build_backbone(arch)
     model.load_state_dict(sd, strict=True)
     return model.eval()

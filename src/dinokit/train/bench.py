@@ -1,29 +1,63 @@
 """`dinokit bench`: training speed of a configuration, end to end and part by part.
 
-It builds the real `Trainer` and runs the parts of `Trainer.train_step` in the same order, timing each:
-data (loader with the geometric half, then the photometric half), teacher forward, student forward + loss +
-backward, optimizer step (clipping included) and EMA. It also reports peak memory, FLOPs per image (counted
-on one real step) and MFU: the FLOP/s reached, end to end, over a matmul peak measured in the same run.
+It runs the real training loop (`dinokit train`'s, into a temporary folder) with timing marks in the real
+`Trainer.train_step`: data (the time the loop waits for its next batch, augmentation included), teacher
+forward, student forward + loss + backward, optimizer (clipping included), EMA and center. It also reports
+peak memory, FLOPs per image (counted on one real step) and MFU: the FLOP/s reached over a matmul peak
+measured in the same run.
 """
+import dataclasses
 import json
 import resource
 import sys
+import tempfile
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..data.multicrop import MultiCrop
+from ..data.loader import build_data, run_batches
+from ..device import pick_device
 from .config import resolve, resolve_decode
-from ..eval.common import pick_device
-from .engine import Trainer, build_data, ema_update_, epoch_batches
+from .loop import train
 from .presets import PRESETS
+from .step import PhaseClock, Trainer
 
 PARTS = ("data", "teacher", "student", "optimizer", "ema")
 
+# Dense (no sparsity) tensor-core peaks in FLOP/s from the vendors' data sheets, by a part of the name
+# torch.cuda.get_device_name gives; the first match wins, so the variants come before their family. fp32 is
+# the plain (non-TF32) rate, what fp32 matmuls run at unless TF32 is allowed.
+SPEC_PEAKS = (
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51.2e12}),
+    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12}),
+    ("H200 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),  # SXM
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),  # SXM
+    ("GH200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),
+    ("L40", {"bf16": 181e12, "fp16": 181e12, "fp32": 90.5e12}),
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12}),
+)
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 1.0) -> float:
-    """FLOP/s of an n x n matmul in `dtype`, best of repeated runs over about `seconds`."""
+
+def spec_peak(device: torch.device) -> tuple[str, dict[str, float]] | None:
+    """(name, peaks by dtype) of this GPU's data sheet, when it is in SPEC_PEAKS; None otherwise (CPUs too).
+
+    >>> spec_peak(torch.device("cpu")) is None
+    True
+    """
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next(((name, peaks) for part, peaks in SPEC_PEAKS if part in name), None)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 1.0) -> float:
+    """FLOP/s of a square matmul in `dtype`, best of repeated runs over about `seconds`: 2048 wide on a CPU,
+    8192 on a GPU (a small one would leave a GPU's peak far from reached and flatter the MFU)."""
+    n = 8192 if device.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b
@@ -37,55 +71,18 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds
     return 2 * n ** 3 / best
 
 
-def batches_forever(source, multicrop: MultiCrop, cfg, device: torch.device, start_epoch: int = 0):
-    """(epoch, index, geometric crops) of readable batches, epoch after epoch, as the training loop gets them."""
-    epoch = start_epoch
-    while True:
-        for index, crops, _ in epoch_batches(cfg, source, multicrop, device, epoch):
-            if crops is not None:
-                yield epoch, index, crops
-        epoch += 1
-
-
-def timed_step(trainer: Trainer, batches, multicrop: MultiCrop) -> tuple[dict, int]:
-    """One training step, the same calls as `Trainer.train_step`, with a clock between the parts."""
-    device = trainer.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    marks = [time.perf_counter()]
-
-    def mark():
-        sync()
-        marks.append(time.perf_counter())
-
-    epoch, index, crops = next(batches)
-    crops = multicrop.photometric([c.to(device, non_blocking=True) for c in crops], index, epoch)
-    mark()
-    it = trainer.step
-    temp = trainer.set_schedules(it)
-    with trainer.autocast():
-        teacher_out = trainer.teacher(crops[:2])
-    mark()
-    with trainer.autocast():
-        student_out = trainer.student_ddp(crops)
-        loss = trainer.loss(student_out, teacher_out, temp)
-    trainer.backward(loss)
-    loss.item()  # the training loop reads the loss every step on the CPU
-    mark()
-    trainer.update_student(it)
-    mark()
-    ema_update_(trainer.teacher, trainer.student, float(trainer.sched.momentum[it]))
-    trainer.step += 1
-    mark()
-    return {part: marks[i + 1] - marks[i] for i, part in enumerate(PARTS)}, len(index)
-
-
-def count_flops(trainer: Trainer, batches, multicrop: MultiCrop) -> tuple[int, int]:
-    """FLOPs of one real training step (teacher forward, student forward and backward) and its images."""
-    epoch, index, crops = next(batches)
-    crops = multicrop.photometric([c.to(trainer.device) for c in crops], index, epoch)
+def count_flops(cfg, device: torch.device) -> float:
+    """FLOPs per image of one real training step (teacher forward, student forward and backward), on a
+    throwaway trainer; the global RNG is left as it was."""
+    rng_state = torch.get_rng_state()
+    source, per_epoch, multicrop = build_data(cfg)
+    trainer = Trainer(cfg, device, per_epoch, per_epoch)
+    batch = next(b for b in run_batches(cfg, source, multicrop, device, decode=resolve_decode(cfg.decode, device.type),
+                                        length=per_epoch) if b.views is not None)
     with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
-        trainer.train_step(crops)
-    return counter.get_total_flops(), len(index)
+        trainer.train_step(batch.views)
+    torch.set_rng_state(rng_state)
+    return counter.get_total_flops() / len(batch.index)
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -99,54 +96,47 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def benchmark(cfg, steps: int = 10, warmup: int = 3) -> dict:
-    torch.manual_seed(cfg.seed)
+    """Time `steps` steps of the real training loop after `warmup` untimed ones."""
     device = pick_device(cfg.device)
-    source, steps_per_epoch, multicrop = build_data(cfg)
-    total_steps = cfg.epochs * steps_per_epoch
-    trainer = Trainer(cfg, device, steps_per_epoch, total_steps)
-    # Time steps after the last layer's freeze: the whole run but its first epoch trains every parameter.
-    trainer.step = max(0, min(trainer.sched.freeze_last_layer_steps, total_steps - warmup - steps - 1))
-    batches = batches_forever(source, multicrop, cfg, device, trainer.step // steps_per_epoch)
-
-    t = time.perf_counter()
-    flops, flop_images = count_flops(trainer, batches, multicrop)  # also the first warm-up step
-    for _ in range(max(0, warmup - 1)):  # with cfg.compile, the first of these compiles
-        timed_step(trainer, batches, multicrop)
-    warmup_s = time.perf_counter() - t
-
-    totals, images = dict.fromkeys(PARTS, 0.0), 0
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        parts, n = timed_step(trainer, batches, multicrop)
-        images += n
-        for k, v in parts.items():
-            totals[k] += v
-    seconds = time.perf_counter() - start
-    # CPU time of this process: on a machine shared with other jobs, images per CPU-second divided by the
-    # threads used is what this run would reach on idle cores; wall-clock figures shrink with the load.
-    cpu_seconds = time.process_time() - cpu_start
+    flops_per_image = count_flops(cfg, device)
+    # Every parameter trains (as after the paper's first epoch); no checkpoint or log row inside the timing.
+    cfg = dataclasses.replace(cfg, freeze_last_layer=0, save_every_steps=10 ** 9, log_every=10 ** 9)
+    clock = PhaseClock(device)
+    with tempfile.TemporaryDirectory(prefix="dinokit-bench-") as run_dir:
+        # one step more than timed: the last one logs its statistics, which a plain step does not
+        summary = train(cfg, run_dir, max_steps=warmup + steps + 1, progress=False, clock=clock)
+    precision = summary["precision"]
+    if summary["step"] < warmup + steps + 1:
+        raise ValueError(f"the data holds too few readable batches for {warmup + steps + 1} steps")
+    timed = clock.steps[warmup:warmup + steps]
+    totals = {part: sum(s.get(part, 0.0) for s in timed) for part in PARTS}
+    seconds = sum(totals.values())
+    warmup_s = sum(sum(s.values()) for s in clock.steps[:warmup])
+    images = steps * cfg.batch_size
 
     peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
     if device.type == "cuda":
         peaks["fp16"] = matmul_peak(torch.float16, device)
-    # the matmul dtype the trainer's autocast runs (fp16 on GPUs only)
-    mfu_against = trainer.precision if trainer.precision in peaks else "bf16"
+    mfu_against = precision if precision in peaks else "bf16"  # the matmul dtype autocast runs
     images_per_s = images / seconds
-    flops_per_image = flops / flop_images
+    spec = spec_peak(device)
     return {
-        "config": cfg.to_dict(), "device": str(device), "precision": trainer.precision,
+        "config": cfg.to_dict(), "device": str(device), "precision": precision,
         "decode": resolve_decode(cfg.decode, device.type), "num_workers": cfg.num_workers,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "compile": cfg.compile,
-        "steps": steps, "warmup": warmup, "batch_size": cfg.batch_size, "first_step": trainer.step - steps,
+        "steps": steps, "warmup": warmup, "batch_size": cfg.batch_size, "loss": summary["loss"],
         "images_per_s": images_per_s, "seconds": seconds, "warmup_s": warmup_s,
-        "cpu_seconds": cpu_seconds, "images_per_cpu_s": images / cpu_seconds,
         "ms_per_step": {k: 1000 * v / steps for k, v in totals.items()},
-        "percent": {k: 100 * v / sum(totals.values()) for k, v in totals.items()},
+        "percent": {k: 100 * v / seconds for k, v in totals.items()},
+        "data_wait": totals["data"] / seconds,
         "ms_per_step_total": 1000 * seconds / steps,
         "peak_memory_mib": peak_memory_mib(device),
         "flops_per_image": flops_per_image,
         "matmul_peak_flops": peaks, "mfu_against": mfu_against,
         "mfu": flops_per_image * images_per_s / peaks[mfu_against],
+        # against the data sheet too, where the GPU is known: a measured matmul rarely reaches it
+        "spec_device": spec[0] if spec else None, "spec_peak_flops": spec[1] if spec else None,
+        "mfu_spec": flops_per_image * images_per_s / spec[1][mfu_against] if spec else None,
     }
 
 
@@ -160,11 +150,14 @@ def table(r: dict) -> str:
     lines.append(f"{'total':<10} {r['ms_per_step_total']:>9.1f}")
     peaks = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in r["matmul_peak_flops"].items())
     lines += [f"images/s          {r['images_per_s']:.1f}  (warm-up {r['warmup_s']:.1f} s)",
-              f"images/CPU-s      {r['images_per_cpu_s']:.1f}",
+              f"data wait         {100 * r['data_wait']:.1f}% of the loop's time",
               f"peak memory       {r['peak_memory_mib']:.0f} MiB",
               f"GFLOP/image       {r['flops_per_image'] / 1e9:.3f}",
               f"matmul GFLOP/s    {peaks}",
-              f"MFU ({r['mfu_against']})        {100 * r['mfu']:.1f}%"]
+              f"MFU ({r['mfu_against']})        {100 * r['mfu']:.1f}% of the measured matmul"]
+    if r.get("mfu_spec") is not None:
+        lines.append(f"MFU (data sheet)  {100 * r['mfu_spec']:.1f}% of {r['spec_device']}'s "
+                     f"{r['spec_peak_flops'][r['mfu_against']] / 1e12:.0f} TFLOP/s {r['mfu_against']}")
     return "\n".join(lines)
 
 
@@ -176,7 +169,7 @@ def register(sub):
                    help="override one config key (repeatable)")
     p.add_argument("--data", help="image folder or fashion-mnist:train (default: the config's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first also counts FLOPs)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--compile", action="store_true", help="the same as --set compile=true")
     p.add_argument("--json", help="also write the results to this file")
     p.set_defaults(func=run)

@@ -6,13 +6,14 @@ Everything is tensors and plain data: `torch.load(path, weights_only=True)` read
 """
 import errno
 import os
+import shutil
 import signal
 import zipfile
 from pathlib import Path
 
 import torch
 
-from ..models.weights import UnsafeCheckpointError, safe_load
+from ..models.weights import UnsafeCheckpointError, backbone_arch, safe_load
 
 LATEST, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
 
@@ -33,13 +34,18 @@ def crash_for_tests(point: str, half_written=None):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def save_atomic(obj: dict, path: Path, crash_point: str = ""):
-    """Write to a temporary file, fsync, then rename over `path`: a crash leaves the old file or the new one."""
+def save_atomic(obj: dict | Path, path: Path, crash_point: str = ""):
+    """Write `obj` (a checkpoint, or the path of a file to copy) to a temporary file, fsync, then rename over
+    `path`: a crash leaves the old file or the new one, never a half-written one under the final name."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            if isinstance(obj, Path):
+                with open(obj, "rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 24)
+            else:
+                torch.save(obj, f)
             crash_for_tests(crash_point, half_written=f)
             f.flush()
             os.fsync(f.fileno())
@@ -83,8 +89,61 @@ def save_checkpoint(obj: dict, run_dir: Path):
     os.replace(tmp, run_dir / LATEST)
 
 
-def is_complete(obj: dict) -> bool:
-    return all(k in obj for k in ("student", "teacher", "optimizer", "dino_loss", "dinokit"))
+def keep_copy(run_dir: Path, epoch: int):
+    """checkpointNNNN.pt: a durable copy of the latest checkpoint, kept when later ones replace it."""
+    save_atomic(Path(run_dir) / LATEST, Path(run_dir) / f"checkpoint{epoch:04d}.pt")
+
+
+def training_state(trainer, config: dict, extra: dict) -> dict:
+    """A trainer's checkpoint: the paper code's keys, plus what an exact resume needs under `dinokit`. With
+    FSDP every process must call it: the full tensors are gathered to rank 0."""
+    if trainer.fsdp:
+        from .fsdp import full_state
+        student, teacher, optimizer = full_state(trainer.student, trainer.teacher, trainer.optimizer)
+    else:
+        student, teacher = trainer.student.state_dict(), trainer.teacher.state_dict()
+        optimizer = trainer.optimizer.state_dict()
+    device = trainer.device
+    return {
+        "student": student, "teacher": teacher, "optimizer": optimizer,
+        "epoch": trainer.step // trainer.steps_per_epoch, "dino_loss": trainer.dino_loss.state_dict(),
+        **({"patch_loss": trainer.patch_loss.state_dict()} if trainer.patch_loss is not None else {}),
+        **({"fp16_scaler": trainer.scaler.state_dict()} if trainer.scaler is not None else {}),
+        "dinokit": {"version": 1, "arch": backbone_arch(trainer.student.backbone), "config": config,
+                    "step": trainer.step, "total_steps": trainer.total_steps,
+                    "steps_per_epoch": trainer.steps_per_epoch, "torch_rng": torch.get_rng_state(),
+                    **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+                    **extra},
+    }
+
+
+def restore_training_state(trainer, ckpt: dict):
+    """The inverse of `training_state`: the trainer continues exactly where the checkpoint was taken."""
+    if trainer.fsdp:
+        from .fsdp import load_full_state
+        load_full_state(trainer.student, trainer.teacher, trainer.optimizer, ckpt)
+    else:
+        trainer.student.load_state_dict(ckpt["student"])
+        trainer.teacher.load_state_dict(ckpt["teacher"])
+        trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    trainer.dino_loss.load_state_dict(ckpt["dino_loss"])
+    if trainer.patch_loss is not None:
+        trainer.patch_loss.load_state_dict(ckpt["patch_loss"])
+    if trainer.scaler is not None and "fp16_scaler" in ckpt:
+        trainer.scaler.load_state_dict(ckpt["fp16_scaler"])
+    meta = ckpt["dinokit"]
+    trainer.step = int(meta["step"])
+    torch.set_rng_state(meta["torch_rng"])
+    if "cuda_rng" in meta and trainer.device.type == "cuda":
+        torch.cuda.set_rng_state(meta["cuda_rng"], trainer.device)
+
+
+DINO_KEYS = ("student", "teacher", "optimizer", "dino_loss", "dinokit")  # a DINO run's resumable state
+
+
+def is_complete(obj: dict, required: tuple[str, ...] = DINO_KEYS) -> bool:
+    """Whether a checkpoint holds every key a resume needs (`required`: a DINO run's, unless told)."""
+    return all(k in obj for k in required)
 
 
 def verify(path: Path):
@@ -98,8 +157,9 @@ def verify(path: Path):
         raise ValueError(f"record {bad} fails its checksum")
 
 
-def load_latest(run_dir: Path, log=print) -> dict | None:
-    """The newest checkpoint of a run that reads back whole; a broken one is reported and passed over.
+def load_latest(run_dir: Path, log=print, required: tuple[str, ...] = DINO_KEYS) -> dict | None:
+    """The newest checkpoint of a run that reads back whole and holds the `required` keys; a broken one is
+    reported and passed over.
 
     None when the run has no checkpoint at all. A file that would run code when unpickled is never passed
     over silently: it stops the resume (someone tampered with the run folder)."""
@@ -112,7 +172,7 @@ def load_latest(run_dir: Path, log=print) -> dict | None:
         try:
             verify(path)
             obj = safe_load(path)
-            if not is_complete(obj):
+            if not is_complete(obj, required):
                 raise ValueError("it lacks some of the training state")
             return obj
         except UnsafeCheckpointError:

@@ -3,6 +3,8 @@
 Names follow the paper code's `main_dino.py` arguments where one exists.
 """
 import dataclasses
+import inspect
+import re
 from dataclasses import dataclass, field, fields
 
 import yaml
@@ -13,60 +15,80 @@ from ..models.vit import VIT_SIZES
 
 @dataclass
 class Config:
-    # data
-    data: str = "fashion-mnist:train"
-    seed: int = 0
-    num_workers: int = 0
-    decode: str = "auto"  # workers (Pillow, crops in loader workers) | device (JPEGs decoded and cropped on GPU) | auto
-    # backbone: a named ViT, "vit" with the sizes below, or a torchvision convnet
-    arch: str = "vit_small"
-    patch_size: int = 16
-    embed_dim: int = 384
-    depth: int = 12
-    num_heads: int = 6
-    drop_path_rate: float = 0.1
-    stem: str = "patch"  # ViT patches: "patch" (one strided conv, the paper's) or "conv" (3 x 3 conv stack)
-    # head
-    out_dim: int = 65536
-    head_hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    norm_last_layer: bool = True
-    use_bn_in_head: bool = False
-    # multi-crop
-    global_crop_size: int = 224
-    local_crop_size: int = 96
-    local_crops_number: int = 8
-    global_crops_scale: list = field(default_factory=lambda: [0.4, 1.0])
-    local_crops_scale: list = field(default_factory=lambda: [0.05, 0.4])
-    # loss
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: float = 0
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    koleo_weight: float = 0.0  # DINOv2's KoLeo term on the student's global-crop features; 0: off (the paper)
-    patch_loss_weight: float = 0.0  # iBOT's masked-patch self-distillation term (ViTs); 0: off (the paper)
-    mask_ratio: float = 0.3  # share of a global view's patches the student sees masked, with the patch term
-    momentum_teacher: float = 0.996
-    # optimisation
-    optimizer: str = "adamw"
-    lr: float = 0.0005  # at batch 256; scaled linearly with the global batch
-    min_lr: float = 1e-6
-    warmup_epochs: float = 10
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    clip_grad: float = 3.0
-    freeze_last_layer: float = 1
-    epochs: int = 100
-    batch_size: int = 64  # global, over all processes
-    precision: str = "auto"  # auto | bf16 | fp16 (GPU, with a grad scaler) | fp32; see resolve_precision
-    compile: bool = False  # torch.compile student and teacher: ~10% faster on a 2-core CPU, after a compile
-    device: str = "auto"
-    fsdp: bool = False  # with several processes: shard the models (FSDP) instead of replicating them (DDP)
-    # output
-    log_every: int = 10
-    save_every_steps: int = 500
-    keep_every_epochs: int = 0  # 0: keep only the latest checkpoint (and the one before it)
+    """Every setting of a training run, checked by `validate` before anything runs. Defaults are the paper
+    code's (`main_dino.py`); `resolve` applies a preset, a YAML file and `--set` overrides on top.
+
+    >>> cfg = Config(arch="vit", embed_dim=96, depth=3, num_heads=4, patch_size=4).validate()
+    >>> cfg.backbone_arch()["embed_dim"], cfg.batch_size
+    (96, 64)
+    """
+    # ---- data
+    data: str = "fashion-mnist:train"  # image folder (read recursively) or fashion-mnist:train / fashion-mnist:test
+    seed: int = 0  # data order, augmentation and initialisation
+    num_workers: int = 0  # loader processes that read, decode and crop images
+    decode: str = "auto"  # where images are decoded: workers (Pillow), device (JPEGs on the GPU), auto (device on GPUs)
+    # ---- backbone
+    arch: str = "vit_small"  # vit_tiny, vit_small, vit_base, vit (sizes below), or resnet18/34/50/101/152
+    patch_size: int = 16  # ViT patch
+    embed_dim: int = 384  # ViT width (arch vit)
+    depth: int = 12  # ViT blocks (arch vit)
+    num_heads: int = 6  # ViT attention heads (arch vit)
+    drop_path_rate: float = 0.1  # stochastic depth of the student
+    stem: str = "patch"  # ViT patch embedding: patch (one strided convolution, the paper's) or conv (3 x 3 convolutions)
+    # ---- head
+    out_dim: int = 65536  # prototypes K
+    head_hidden_dim: int = 2048  # the head's MLP width
+    bottleneck_dim: int = 256  # the head's L2-normalised bottleneck
+    norm_last_layer: bool = True  # keep the prototypes' weight-norm gain frozen at 1
+    use_bn_in_head: bool = False  # BatchNorm in the head's MLP (the paper's ViTs: none)
+    # ---- multi-crop
+    global_crop_size: int = 224  # global views' side in pixels
+    local_crop_size: int = 96  # local views' side in pixels
+    local_crops_number: int = 8  # local views per image
+    global_crops_scale: list = field(default_factory=lambda: [0.4, 1.0])  # area range of the global views
+    local_crops_scale: list = field(default_factory=lambda: [0.05, 0.4])  # area range of the local views
+    # ---- loss
+    teacher_temp: float = 0.04  # the teacher's temperature after its warm-up (sharpening)
+    warmup_teacher_temp: float = 0.04  # the teacher's temperature at the start
+    warmup_teacher_temp_epochs: float = 0  # epochs of the teacher temperature's linear warm-up
+    student_temp: float = 0.1  # the student's temperature
+    center_momentum: float = 0.9  # momentum of the running center of the teacher's outputs
+    centering: bool = True  # subtract the center from the teacher's outputs (false: the paper's collapse ablation)
+    sharpening: bool = True  # the teacher's temperature is teacher_temp (false: the student's, no sharpening)
+    koleo_weight: float = 0.0  # DINOv2's KoLeo term on the student's global-view features; 0: off (the paper)
+    patch_loss_weight: float = 0.0  # iBOT's masked-patch term (ViTs); 0: off (the paper)
+    mask_ratio: float = 0.3  # share of a global view's patches masked for the student, with the patch term
+    # ---- teacher
+    teacher: str = "ema"  # ema (the paper's), student (a copy every step), previous_epoch (a copy every epoch)
+    momentum_teacher: float = 0.996  # EMA momentum at the start, cosine to 1
+    # ---- optimisation
+    optimizer: str = "adamw"  # adamw or sgd (momentum 0.9)
+    lr: float = 0.0005  # peak learning rate at batch 256, scaled linearly with the global batch
+    min_lr: float = 1e-6  # learning rate at the end of the cosine
+    warmup_epochs: float = 10  # epochs of linear learning-rate warm-up
+    weight_decay: float = 0.04  # at the start (none on biases and 1-D parameters)
+    weight_decay_end: float = 0.4  # at the end of the cosine
+    clip_grad: float = 3.0  # each parameter's gradient norm is clipped to this (0: no clipping)
+    freeze_last_layer: float = 1  # epochs with the prototypes frozen
+    epochs: int = 100  # length of the run (a time budget or --steps lays it out over another length)
+    batch_size: int = 64  # global batch, over all processes
+    precision: str = "auto"  # auto (measured on CPUs: train/autotune.py; bf16 on GPUs), bf16, fp16 (GPU) or fp32
+    threads: int = 0  # CPU threads (0: with precision auto the measured best, else all cores)
+    compile: bool = False  # torch.compile the student and the teacher
+    device: str = "auto"  # auto (a GPU when there is one), cpu, cuda, cuda:1, mps
+    fsdp: bool = False  # with several processes, shard the models (FSDP) instead of replicating them (DDP)
+    # ---- output
+    log_every: int = 10  # steps between rows of metrics.jsonl
+    save_every_steps: int = 500  # steps between checkpoints
+    keep_every_epochs: int = 0  # keep a copy of the checkpoint every this many epochs (0: only the latest two)
+
+    def backbone_arch(self) -> dict:
+        """The backbone's `build_backbone` description: a ViT's shape or a convnet's name."""
+        if self.arch in CONVNETS:
+            return {"name": self.arch}
+        dim, depth, heads = VIT_SIZES.get(self.arch, (self.embed_dim, self.depth, self.num_heads))
+        return {"name": "vit", "img_size": self.global_crop_size, "patch_size": self.patch_size, "embed_dim": dim,
+                "depth": depth, "num_heads": heads, "stem": self.stem}
 
     def validate(self) -> "Config":
         errors = []
@@ -77,7 +99,7 @@ class Config:
         errors += [f"{k} must be > 0 (got {getattr(self, k)})" for k in positive if getattr(self, k) <= 0]
         nonneg = ["local_crops_number", "num_workers", "drop_path_rate", "warmup_epochs", "freeze_last_layer",
                   "warmup_teacher_temp_epochs", "lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad",
-                  "keep_every_epochs", "koleo_weight", "patch_loss_weight"]
+                  "keep_every_epochs", "koleo_weight", "patch_loss_weight", "threads"]
         errors += [f"{k} must be >= 0 (got {getattr(self, k)})" for k in nonneg if getattr(self, k) < 0]
         for k in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
             if not 0 < getattr(self, k) <= 10:
@@ -107,6 +129,8 @@ class Config:
             errors.append(f"optimizer must be adamw or sgd (got {self.optimizer!r})")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             errors.append(f"precision must be auto, bf16, fp16 or fp32 (got {self.precision!r})")
+        if self.teacher not in ("ema", "student", "previous_epoch"):
+            errors.append(f"teacher must be ema, student or previous_epoch (got {self.teacher!r})")
         if self.decode not in ("auto", "workers", "device"):
             errors.append(f"decode must be auto, workers or device (got {self.decode!r})")
         if errors:
@@ -117,23 +141,39 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def cpu_has_fast_bf16() -> bool:
-    """bf16 matmuls beat fp32 only with native support (AVX512-BF16 or AMX); emulated they are ~7x slower."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def config_table() -> str:
+    """The Markdown table of every key, its default and its meaning, read from `Config`'s own field comments
+    (docs/training.md holds it; a test keeps the two the same)."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for line in inspect.getsource(Config).splitlines():
+        m = re.match(r"\s+(\w+): \w+ = (.+?)  # (.+)$", line)
+        if m:
+            key, meaning = m.group(1), m.group(3)
+            default = FIELDS[key].default if FIELDS[key].default is not dataclasses.MISSING \
+                else FIELDS[key].default_factory()
+            shown = str(default).lower() if isinstance(default, bool) else default
+            rows.append(f"| {key} | {shown} | {meaning} |")
+    return "\n".join(rows)
+
+
+def auto_values(data: str, device: str, time_budget: float | None, log=print) -> tuple[dict, list[str]]:
+    """`--preset auto`: the values `auto_preset` picks for this data, device and budget, and its reasons
+    (logged)."""
+    from ..data.sources import image_stats, open_source
+    from ..device import pick_device
+    from .presets import auto_preset
+
+    values, reasons = auto_preset(image_stats(open_source(data)), pick_device(device).type, time_budget)
+    for line in reasons:
+        log(f"auto: {line}")
+    return values, reasons
 
 
 def resolve_precision(precision: str, device_type: str) -> str:
-    """`auto`: bf16 on GPUs and on CPUs with native bf16, fp32 elsewhere."""
+    """`auto` without a measurement (train/autotune.py measures it on CPUs): bf16 on GPUs, fp32 elsewhere."""
     if precision != "auto":
         return precision
-    if device_type == "cuda" or (device_type == "cpu" and cpu_has_fast_bf16()):
-        return "bf16"
-    return "fp32"
+    return "bf16" if device_type == "cuda" else "fp32"
 
 
 def resolve_decode(decode: str, device_type: str) -> str:
@@ -186,21 +226,29 @@ def parse_sets(items: list[str]) -> dict:
 
 
 def load_yaml(path: str) -> dict:
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    """A YAML file of config keys; a malformed one is a one-line error naming the file, line and column."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ValueError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of config keys")
     return data
 
 
-def resolve(preset: str | None = None, file: str | None = None, sets: list[str] = (), **direct) -> Config:
-    """Defaults < preset < YAML file < --set < direct arguments (such as --data)."""
+def resolve(preset: str | dict | None = None, file: str | None = None, sets: list[str] = (), **direct) -> Config:
+    """Defaults < preset (a name, or the values `auto` picked) < YAML file < --set < direct arguments (--data)."""
     from .presets import PRESETS
 
     config = Config()
-    if preset:
+    if isinstance(preset, dict):
+        config = apply(config, preset)
+    elif preset:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+            raise ValueError(f"unknown preset {preset!r}; choose one of auto, {', '.join(PRESETS)}")
         config = apply(config, PRESETS[preset])
     if file:
         config = apply(config, load_yaml(file))

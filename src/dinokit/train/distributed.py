@@ -74,3 +74,13 @@ def broadcast_int(value: int) -> int:
     t = torch.tensor([value], dtype=torch.long)
     dist.broadcast(t, 0, group=cpu_group())
     return int(t)
+
+
+def mean_over_processes(value: float, stats: dict, device: torch.device) -> tuple[float, dict]:
+    """A logged value and a dict of logged numbers, each averaged over the processes (one all-reduce)."""
+    if not dist.is_initialized():
+        return value, stats
+    t = torch.tensor([value, *stats.values()], device=device)
+    dist.all_reduce(t)
+    value, *rest = (t / dist.get_world_size()).tolist()
+    return value, dict(zip(stats, rest))

@@ -1,25 +1,91 @@
-"""Named starting points. Each is a set of overrides of `Config`'s defaults (which are the paper code's).
+"""Named starting points, and `auto`: the one chosen from the data, the device and the time budget.
 
-Why each small-scale value is what it is: docs/recipe.md.
+Each named preset is a set of overrides of `Config`'s defaults (which are the paper code's). Why each
+small-scale value is what it is, and the measurements behind `auto`'s rules: docs/recipe.md.
 """
+import math
+
+# The small-image recipe, measured on Fashion-MNIST and checked on other small folders (docs/recipe.md):
+# a narrow ViT with a convolutional stem, two views, KoLeo, a small head, a fast-following teacher.
+SMALL = {
+    "arch": "vit", "stem": "conv", "patch_size": 4, "embed_dim": 96, "depth": 3, "num_heads": 4,
+    "drop_path_rate": 0.0, "out_dim": 1024, "head_hidden_dim": 256, "bottleneck_dim": 64,
+    "local_crops_number": 0, "global_crops_scale": [0.6, 1.0], "local_crops_scale": [0.25, 0.6],
+    "warmup_teacher_temp": 0.04, "teacher_temp": 0.04, "momentum_teacher": 0.99, "koleo_weight": 0.1,
+    "lr": 0.005, "warmup_epochs": 1, "min_lr": 1e-5, "batch_size": 32, "freeze_last_layer": 0, "epochs": 10,
+    "log_every": 20, "save_every_steps": 500,
+}
+
 PRESETS = {
     # The paper code's defaults: ViT-S/16, 2 x 224 + 8 x 96 crops, K = 65536, 100 epochs.
     "paper": {},
-    # A small ViT for 28 x 28 images (Fashion-MNIST) on a CPU.
-    "fmnist-cpu": {
-        "arch": "vit", "stem": "conv", "patch_size": 4, "embed_dim": 96, "depth": 3, "num_heads": 4,
-        "drop_path_rate": 0.0, "out_dim": 1024, "head_hidden_dim": 256, "bottleneck_dim": 64,
-        # two global views only: in 14 minutes the steps they save beat multi-crop (docs/recipe.md);
-        # the local sizes apply when local_crops_number is set above 0
-        "global_crop_size": 20, "local_crop_size": 12, "local_crops_number": 0,
-        "global_crops_scale": [0.6, 1.0], "local_crops_scale": [0.25, 0.6],
-        "warmup_teacher_temp": 0.04, "teacher_temp": 0.04, "momentum_teacher": 0.99, "koleo_weight": 0.1,
-        "lr": 0.005, "warmup_epochs": 1, "min_lr": 1e-5, "epochs": 10, "batch_size": 32, "freeze_last_layer": 0,
-        "log_every": 20, "save_every_steps": 500,
-    },
+    # A small ViT for 28 x 28 images (Fashion-MNIST) on a CPU: what `auto` picks for Fashion-MNIST on a CPU.
+    "fmnist-cpu": {**SMALL, "global_crop_size": 20, "local_crop_size": 12},
     # The paper code's recipe at the scale of issue benchmarks: ViT dim 192, depth 4, patch 4, 2 x 28 + 4 x 12.
     "bench-cpu": {
         "arch": "vit", "patch_size": 4, "embed_dim": 192, "depth": 4, "num_heads": 3,
         "global_crop_size": 28, "local_crop_size": 12, "local_crops_number": 4, "batch_size": 64,
     },
 }
+
+CPU_STEPS = 20_000  # a run without a time budget on a CPU: about this many steps (15-30 minutes at small scale)
+
+
+def crop_size(side: int, fraction: float, multiple: int) -> int:
+    """`fraction` of an image side, to the nearest multiple of the patch (at least one patch)."""
+    return max(multiple, multiple * round(side * fraction / multiple))
+
+
+def auto_preset(stats: dict, device_type: str, time_budget: float | None = None) -> tuple[dict, list[str]]:
+    """The overrides `--preset auto` picks, and one line of reason for each choice.
+
+    `stats`: `image_stats` of the training source (images, median short side, grey).
+
+    >>> values, why = auto_preset({"images": 60000, "short_side": 28, "grey": True}, "cpu", 900)
+    >>> values == PRESETS["fmnist-cpu"]
+    True
+    """
+    n, side = stats["images"], stats["short_side"]
+    reasons = [f"data: {n} images, median short side {side} px, {'grey' if stats['grey'] else 'colour'}; "
+               f"device: {device_type}; " + (f"time budget {time_budget:.0f} s" if time_budget else "no time budget")]
+    if side <= 64:
+        values = dict(SMALL)
+        values["global_crop_size"] = crop_size(side, 5 / 7, 4)
+        values["local_crop_size"] = crop_size(side, 3 / 7, 4)
+        reasons += [
+            f"small images: the small-image recipe (ViT width 96, depth 3, conv stem, patch 4, KoLeo 0.1, "
+            f"K {values['out_dim']}, batch 32, lr 0.005, teacher momentum 0.99), measured on Fashion-MNIST",
+            f"training crops {values['global_crop_size']} px, 5/7 of the side (Fashion-MNIST: 20 of 28 gave the "
+            f"same k-NN per step as 28 at 0.63 of the cost); evaluation at the same size",
+            "two views, no local crops: at minutes-long budgets the steps they cost are worth more than multi-crop"]
+        if device_type == "cuda":
+            values["batch_size"] = 256
+            reasons.append("GPU: batch 256 (lr scales with it)")
+    elif side < 160:
+        patch = 8
+        values = {"arch": "vit", "patch_size": patch, "embed_dim": 192, "depth": 6, "num_heads": 3,
+                  "global_crop_size": crop_size(side, 0.75, patch), "local_crop_size": crop_size(side, 0.375, patch),
+                  "local_crops_number": 4, "out_dim": 4096, "head_hidden_dim": 1024, "bottleneck_dim": 128,
+                  "koleo_weight": 0.1, "momentum_teacher": 0.99, "lr": 0.002, "warmup_epochs": 1, "epochs": 10,
+                  "freeze_last_layer": 0, "batch_size": 64 if device_type == "cpu" else 256}
+        reasons.append(f"mid-size images: ViT width 192, depth 6, patch 8, crops {values['global_crop_size']} / "
+                       f"{values['local_crop_size']} px with 4 local views, K 4096 (scaled between the small recipe "
+                       "and the paper's; not yet measured at this size)")
+    else:
+        values = {"local_crops_number": 10} if device_type == "cuda" else \
+            {"arch": "vit_tiny", "global_crop_size": 96, "local_crop_size": 48, "local_crops_number": 4,
+             "out_dim": 16384, "batch_size": 32, "momentum_teacher": 0.99, "koleo_weight": 0.1,
+             "warmup_epochs": 1, "epochs": 10, "freeze_last_layer": 0}
+        reasons.append("photo-size images: the paper's recipe (ViT-S/16, 2 x 224 + 10 x 96 crops, K 65536)" if
+                       device_type == "cuda" else
+                       "photo-size images on a CPU: ViT-Ti/16 at 96 / 48 px with 4 local views, K 16384 (the paper's "
+                       "recipe, shrunk to what a CPU trains in hours; not yet measured)")
+    values["out_dim"] = min(values.get("out_dim", 65536), max(256, 2 ** round(math.log2(max(n, 1) / 6))))
+    if values["out_dim"] < (SMALL["out_dim"] if side <= 64 else 65536):
+        reasons.append(f"K {values['out_dim']}: about one prototype per 6 images of a small data set")
+    if not time_budget and side <= 160 and device_type == "cpu":
+        per_epoch = max(1, n // values.get("batch_size", 64))
+        values["epochs"] = max(1, min(100, CPU_STEPS // per_epoch))
+        reasons.append(f"no time budget: {values['epochs']} epochs, about {CPU_STEPS} steps (--time-budget to fit "
+                       "a deadline instead)")
+    return values, reasons

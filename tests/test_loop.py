@@ -17,7 +17,8 @@ from dinokit.data.sources import open_source
 from dinokit.eval.features import extract_features
 from dinokit.models.weights import safe_load
 from dinokit.train.config import Config, resolve
-from dinokit.train.engine import train
+from dinokit.train.knn_monitor import KnnMonitor
+from dinokit.train.loop import train
 
 TINY = dict(arch="vit", patch_size=4, embed_dim=32, depth=2, num_heads=2, out_dim=64, head_hidden_dim=48,
             bottleneck_dim=16, global_crop_size=16, local_crop_size=8, local_crops_number=2, batch_size=8,
@@ -53,7 +54,7 @@ def test_seeded_runs_are_identical_and_resume_is_exact(small_folder, tmp_path, r
     train(cfg, tmp_path / "a", max_steps=9, progress=False)
     train(cfg, tmp_path / "b", max_steps=9, progress=False)
     train(cfg, tmp_path / "c", max_steps=5, progress=False)  # stops mid-epoch (epoch 0, batch 5)
-    summary = train(cfg, tmp_path / "c", resume=True, max_steps=4, progress=False)
+    summary = train(cfg, tmp_path / "c", resume=True, max_steps=9, progress=False)  # the run's total
     assert summary["step"] == 9
     a, b, c = (teacher_state(tmp_path / x) for x in "abc")
     for k in a:
@@ -207,14 +208,37 @@ def test_training_learns_fashion_mnist_features(tmp_path):
     test_dir = write_fmnist_pngs(tmp_path / "test", "test", 500)
     cfg = resolve("fmnist-cpu", None, ["epochs=12", "save_every_steps=1000", "log_every=5", "precision=fp32"],
                   data=str(train_dir))
-    train(cfg, tmp_path / "run", max_steps=1, progress=False)  # step 0 runs at lr 0: the initial weights
+    monitor = lambda: KnnMonitor(str(train_dir), str(test_dir), every="150", subset=500)  # noqa: E731
+    train(cfg, tmp_path / "run", max_steps=1, progress=False, monitor=monitor())  # step 0 at lr 0: the init
     train_src, test_src = open_source(str(train_dir)), open_source(str(test_dir))
     init = knn_top1(load_backbone(tmp_path / "run" / "checkpoint.pt"), train_src, test_src)
-    train(cfg, tmp_path / "run", resume=True, progress=False)
+    train(cfg, tmp_path / "run", resume=True, progress=False, monitor=monitor())
     final = knn_top1(load_backbone(tmp_path / "run" / "checkpoint.pt"), train_src, test_src)
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    all_rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in all_rows if "loss" in r]
     losses = [r["kl"] + r["teacher_entropy"] for r in rows]  # the DINO term, without KoLeo
     peak, last = max(losses[: len(losses) // 3]), np.mean(losses[-3:])
     print(f"k-NN top-1 {init:.1f} -> {final:.1f}; loss peak {peak:.3f} -> {last:.3f}")
     assert last < peak - 0.3
     assert final >= init + 2.0
+    # The k-NN monitor saw it rise, on its subsets, and kept the best checkpoint.
+    checks = [(r["step"], r["knn_top1"]) for r in all_rows if "knn_top1" in r]
+    assert [s for s, _ in checks] == [1, 150, 300, 450, 600, 744]
+    assert checks[-1][1] >= checks[0][1] + 2.0  # (at the training resolution, as `dinokit knn` evaluates)
+    best = safe_load(tmp_path / "run" / "checkpoint.best.pt")["dinokit"]
+    assert (best["step"], best["knn_top1"]) == max(checks, key=lambda c: c[1])
+
+
+def test_the_knn_monitor_leaves_training_as_it_was(small_folder, tmp_path):
+    cfg = Config(**TINY, data=str(small_folder)).validate()  # drop path on: the student's mode matters
+    train(cfg, tmp_path / "plain", max_steps=6, progress=False)
+    monitor = KnnMonitor(str(small_folder), str(small_folder), every="2", subset=40, student=True)
+    train(cfg, tmp_path / "watched", max_steps=6, progress=False, monitor=monitor)
+    a, b = teacher_state(tmp_path / "plain"), teacher_state(tmp_path / "watched")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(x) for x in (tmp_path / "watched" / "metrics.jsonl").read_text().splitlines()]
+    checks = [r for r in rows if "knn_top1" in r]
+    assert [r["step"] for r in checks] == [2, 4, 6] and all(0 <= r["knn_top1_student"] <= 100 for r in checks)
+    assert (tmp_path / "watched" / "checkpoint.best.pt").exists()
+    with pytest.raises(ValueError, match="has no labels"):
+        KnnMonitor(str(small_folder / "class0"), str(small_folder))

@@ -1,0 +1,147 @@
+"""`precision: auto` on a CPU: precision and thread count chosen by measurement, not by CPU flags.
+
+A flag such as `avx512_bf16` says that bf16 can run, not that it runs faster: on one CPU with the flag, bf16
+matmuls ran at half the fp32 rate; on another, a width-96 ViT ran 1.4x slower in bf16 though its matmuls were
+twice as fast (casts and small ops dominate). So the first run of a configuration on a machine times a few
+real training steps in each candidate (fp32 and bf16; all cores and one), keeps the fastest, and caches it
+per (machine, configuration shape), so later runs start at once and resume with the same numerics.
+An explicit `precision` (and `threads`) always wins. On GPUs, `auto` is bf16 (fp16 where bf16 is not native).
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+# What a step's cost depends on; the rest of a configuration (lr, seed, schedules, data path) does not change it.
+SHAPE_KEYS = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "stem", "out_dim", "head_hidden_dim",
+              "bottleneck_dim", "use_bn_in_head", "global_crop_size", "local_crop_size", "local_crops_number",
+              "koleo_weight", "patch_loss_weight", "mask_ratio", "optimizer", "batch_size", "compile", "num_workers",
+              "decode", "fsdp")
+
+
+def cache_file() -> Path:
+    return Path(os.environ.get("DINOKIT_TUNE_CACHE", Path.home() / ".cache" / "dinokit" / "autotune.json"))
+
+
+def machine_id() -> str:
+    """The CPU model, its flags and core count, and torch's version: what the measurement depends on."""
+    model, flags = platform.processor(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    text = f"{model}|{hashlib.sha256(flags.encode()).hexdigest()[:12]}|{cores}|torch {torch.__version__}"
+    return text
+
+
+def shape_key(cfg, world: int) -> str:
+    return json.dumps({k: getattr(cfg, k) for k in SHAPE_KEYS} | {"world": world}, sort_keys=True)
+
+
+def candidates(cfg) -> list[tuple[str, int]]:
+    """(precision, threads) pairs to time: fp32 and bf16 with every core, and fp32 on one core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = [cfg.threads] if cfg.threads > 0 else sorted({cores, 1}, reverse=True)
+    return [(p, t) for t in threads for p in ("fp32", "bf16") if t == threads[0] or p == "fp32"]
+
+
+def others_load(seconds: float = 0.3) -> float:
+    """Cores' worth of CPU time other processes use now, from /proc/stat over `seconds` (the 1-minute load
+    average would still count a job that ended a minute ago); the load average where there is no /proc."""
+    def sample():
+        with open("/proc/stat") as f:
+            values = [float(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # all, idle + iowait
+    try:
+        (total0, idle0), _, (total1, idle1) = sample(), time.sleep(seconds), sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cores = os.cpu_count() or 1
+    return cores * (1 - (idle1 - idle0) / max(total1 - total0, 1e-9))
+
+
+def read_cache(machine: str, shape: str) -> dict | None:
+    try:
+        return json.loads(cache_file().read_text()).get(machine, {}).get(shape)
+    except (OSError, ValueError, AttributeError):
+        return None  # no cache, or an unreadable one: measure again
+
+
+def write_cache(machine: str, shape: str, entry: dict):
+    path = cache_file()
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        data = {}
+    data.setdefault(machine, {})[shape] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: measured again next time, nothing lost
+
+
+def choose(cfg, device: torch.device, world: int, measure, rounds: int = 2) -> tuple[object, dict]:
+    """The configuration with `precision` (and `threads`) resolved, and what was decided and why.
+    `measure(cfg) -> seconds per step` times real training steps of a configuration."""
+    if cfg.precision != "auto":
+        threads = cfg.threads or torch.get_num_threads()
+        torch.set_num_threads(threads)
+        return dataclasses.replace(cfg, threads=threads), {"precision": cfg.precision, "threads": threads,
+                                                           "reason": "given"}
+    if device.type != "cpu":  # bf16 where the GPU has it natively (Ampere and later), else fp16 with a scaler
+        native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        precision = "bf16" if native else ("fp16" if device.type == "cuda" else "fp32")
+        return dataclasses.replace(cfg, precision=precision, threads=cfg.threads or torch.get_num_threads()), \
+            {"precision": precision, "reason": f"{device.type}: {precision} autocast"}
+    machine, shape = machine_id(), shape_key(cfg, world)
+    entry = read_cache(machine, shape)
+    if entry is None:
+        load = others_load()  # before we add our own
+        timings: dict[str, float] = {}
+        for _ in range(rounds):  # interleaved, best of each: a passing load spoils one round, not a candidate
+            for precision, threads in candidates(cfg):
+                torch.set_num_threads(threads)
+                t = measure(dataclasses.replace(cfg, precision=precision, threads=threads))
+                key = f"{precision}/{threads}"
+                timings[key] = min(t, timings.get(key, t))
+        best = min(timings, key=timings.get)
+        entry = {"precision": best.split("/")[0], "threads": int(best.split("/")[1]),
+                 "ms_per_step": {k: round(1000 * v, 2) for k, v in timings.items()}}
+        busy = load > 0.5 * max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+        if not busy:  # a busy machine's choice is right for this run, not for a quiet machine's later ones
+            write_cache(machine, shape, entry)
+        entry = {**entry, "sec_per_step": timings[best],
+                 "reason": f"measured now, the machine busy (other processes used {load:.1f} cores): not cached" if busy
+                 else f"measured on this machine (cached in {cache_file()})"}
+    else:
+        entry = {**entry, "reason": f"measured earlier on this machine ({cache_file()})"}
+    if world > 1:  # every process runs what rank 0 chose, whatever its own clock said
+        from .distributed import broadcast_int
+        entry["precision"] = ("fp32", "bf16")[broadcast_int(int(entry["precision"] == "bf16"))]
+        entry["threads"] = broadcast_int(entry["threads"])
+    torch.set_num_threads(entry["threads"])
+    return dataclasses.replace(cfg, precision=entry["precision"], threads=entry["threads"]), entry
+
+
+def describe(entry: dict) -> str:
+    """One line on what was chosen and why."""
+    if "ms_per_step" not in entry:
+        return f"precision {entry['precision']} ({entry['reason']})"
+    timings = ", ".join(f"{k.replace('/', ' x ')} threads {v:.0f} ms" for k, v in entry["ms_per_step"].items())
+    return (f"precision {entry['precision']} on {entry['threads']} thread(s), the fastest per step "
+            f"({timings}); {entry['reason']}")

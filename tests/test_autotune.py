@@ -1,0 +1,120 @@
+"""Settings chosen from measurements and data: `precision=auto` (train/autotune.py) and `--preset auto`
+(train/presets.py)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from dinokit.cli import main as cli_main
+from dinokit.data.sources import image_stats, open_source
+from dinokit.train import autotune
+from dinokit.train.config import Config, resolve
+from dinokit.train.presets import PRESETS, auto_preset
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    path = tmp_path / "autotune.json"
+    monkeypatch.setenv("DINOKIT_TUNE_CACHE", str(path))
+    monkeypatch.setattr(autotune, "others_load", lambda: 0.0)  # a quiet machine
+    threads = torch.get_num_threads()
+    yield path
+    torch.set_num_threads(threads)
+
+
+def fake_clock(ms: dict):
+    """A `measure` that reports the given milliseconds per (precision, threads) and records its calls."""
+    calls = []
+
+    def measure(cfg):
+        calls.append((cfg.precision, cfg.threads))
+        return ms[(cfg.precision, cfg.threads)] / 1000
+    return measure, calls
+
+
+def test_auto_precision_is_the_fastest_measured_and_is_cached(cache, monkeypatch):
+    monkeypatch.setattr(autotune, "candidates", lambda cfg: [("fp32", 2), ("bf16", 2), ("fp32", 1)])
+    cfg = Config(precision="auto").validate()
+    measure, calls = fake_clock({("fp32", 2): 50, ("bf16", 2): 35, ("fp32", 1): 70})
+    tuned, why = autotune.choose(cfg, CPU, 1, measure)
+    assert (tuned.precision, tuned.threads) == ("bf16", 2) and torch.get_num_threads() == 2
+    assert len(calls) == 6  # every candidate, twice, interleaved: a passing load spoils one round, not a choice
+    assert "bf16" in autotune.describe(why) and "35 ms" in autotune.describe(why)
+    # the next run of the same shape reads the cache: no measurement
+    measure, calls = fake_clock({("fp32", 2): 10, ("bf16", 2): 99, ("fp32", 1): 99})
+    tuned, why = autotune.choose(cfg, CPU, 1, measure)
+    assert calls == [] and tuned.precision == "bf16" and "earlier" in why["reason"]
+    # another shape (a wider model) is measured on its own
+    tuned, _ = autotune.choose(Config(precision="auto", embed_dim=768).validate(), CPU, 1, measure)
+    assert tuned.precision == "fp32" and len(calls) == 6
+    assert len(json.loads(cache.read_text())[autotune.machine_id()]) == 2
+
+
+def test_a_choice_measured_on_a_busy_machine_is_not_cached(cache, monkeypatch):
+    monkeypatch.setattr(autotune, "others_load", lambda: 1.8)
+    measure, _ = fake_clock({("fp32", n): 50 for n in (1, 2, torch.get_num_threads())} |
+                            {("bf16", n): 60 for n in (1, 2, torch.get_num_threads())})
+    tuned, why = autotune.choose(Config(precision="auto").validate(), CPU, 1, measure)
+    assert tuned.precision == "fp32" and "not cached" in why["reason"] and not cache.exists()
+
+
+def test_an_explicit_precision_always_wins(cache):
+    measure, calls = fake_clock({})
+    tuned, why = autotune.choose(Config(precision="bf16", threads=1).validate(), CPU, 1, measure)
+    assert (tuned.precision, tuned.threads, why["reason"], calls) == ("bf16", 1, "given", [])
+
+
+def test_a_run_records_its_choice_and_resumes_with_it(cache, tmp_path):
+    from test_loop import TINY, write_fmnist_pngs
+    data = write_fmnist_pngs(tmp_path / "data", "train", 32)
+    cfg = Config(**{**TINY, "precision": "auto"}, data=str(data)).validate()
+    from dinokit.train.loop import train
+    train(cfg, tmp_path / "run", max_steps=2, progress=False)
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert written["precision"] in ("fp32", "bf16") and written["threads"] >= 1  # resolved, not "auto"
+    assert set(written["resolved"]["precision_choice"]["ms_per_step"]) == \
+        {f"{p}/{t}" for p, t in autotune.candidates(cfg)}
+
+
+def write_folder(root, n, size, mode="RGB"):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / f"c{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode).save(d / f"{i}.png")
+    return root
+
+
+def test_auto_preset_follows_the_data_and_reproduces_fmnist_cpu(tmp_path):
+    stats = image_stats(open_source("fashion-mnist:train"))
+    assert stats == {"images": 60000, "short_side": 28, "grey": True}
+    values, reasons = auto_preset(stats, "cpu", time_budget=None)
+    assert values == PRESETS["fmnist-cpu"]  # the named preset is what auto picks for it on a CPU
+    assert any("20 px" in r for r in reasons)
+    colour = image_stats(open_source(str(write_folder(tmp_path / "colour", 40, (32, 36)))))
+    assert colour == {"images": 40, "short_side": 32, "grey": False}
+    values, _ = auto_preset(colour, "cpu", 300)
+    assert (values["global_crop_size"], values["stem"], values["out_dim"]) == (24, "conv", 256)  # K for 40 images
+    photos = {"images": 100_000, "short_side": 375, "grey": False}
+    assert auto_preset(photos, "cuda")[0] == {"local_crops_number": 10, "out_dim": 16384}  # the paper's recipe
+    cpu_photos = auto_preset(photos, "cpu", 3600)[0]
+    assert cpu_photos["arch"] == "vit_tiny" and cpu_photos["global_crop_size"] == 96
+    resolve(cpu_photos).validate()  # every rule gives a valid configuration
+
+
+def test_train_without_a_preset_uses_auto_and_says_why(tmp_path, capsys):
+    data = write_folder(tmp_path / "data", 24, (30, 30), "L")
+    out = tmp_path / "run"
+    code = cli_main(["train", "--data", str(data), "--out", str(out), "--max-steps", "1", "--no-progress",
+                     "--set", "batch_size=8", "--set", "precision=fp32"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "auto: data: 24 images, median short side 30 px, grey" in err
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["global_crop_size"] == 20 and written["batch_size"] == 8  # --set still wins
+    assert written["resolved"]["auto"][0].startswith("data: 24 images")

@@ -1,0 +1,45 @@
+"""The training configuration: refused keys and values, presets, files, and its documentation."""
+import re
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from dinokit.train.config import Config, config_table, resolve
+from dinokit.train.presets import PRESETS
+
+
+def test_config_refuses_bad_keys_and_values(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key 'learning_rate'"):
+        resolve(sets=["learning_rate=0.1"])
+    with pytest.raises(ValueError, match="teacher_temp"):
+        resolve(sets=["teacher_temp=-1"])
+    with pytest.raises(ValueError, match="batch_size must be int"):
+        resolve(sets=["batch_size=many"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        resolve(preset="nope")
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 0.01\nepochs: 3\n")
+    cfg = resolve(preset="fmnist-cpu", file=str(f), sets=["epochs=4"])
+    assert cfg.lr == 0.01 and cfg.epochs == 4 and cfg.embed_dim == PRESETS["fmnist-cpu"]["embed_dim"]
+
+
+def test_a_malformed_config_file_is_one_line_naming_file_line_and_column(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("lr: 0.01\nepochs: [3\nbatch_size: 4\n")  # an unclosed list
+    with pytest.raises(ValueError, match=rf"^{f}:\d+:\d+: not valid YAML"):
+        resolve(file=str(f))
+    r = subprocess.run([sys.executable, "-m", "dinokit", "train", "--config", str(f), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert re.fullmatch(rf"dinokit train: error: {f}:3:11: not valid YAML \(.*\)\n", r.stderr), r.stderr
+
+
+def test_docs_list_every_config_key_with_its_default_and_meaning():
+    """docs/training.md's table is the one Config's own field comments give: it cannot drift."""
+    table = config_table()
+    assert len(table.splitlines()) == 2 + len(fields(Config))  # every key has a comment
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    assert table in docs, "regenerate: python -c 'from dinokit.train.config import config_table; print(config_table())'"

@@ -1,0 +1,87 @@
+"""Multi-crop augmentation: shapes, ranges, determinism, the crop rule and the blur."""
+import pytest
+import torch
+
+from dinokit.data.multicrop import MultiCrop, gaussian_blur, uniform
+
+
+def test_multicrop_shapes_ranges_and_determinism():
+    mc = MultiCrop(global_size=24, local_size=10, local_crops=3, seed=5)
+    images = (torch.rand(6, 3, 30, 40) * 255).to(torch.uint8)
+    index = torch.arange(100, 106)
+    geo = mc.geometric(images, index, epoch=2)
+    assert [tuple(g.shape) for g in geo] == [(6, 3, 24, 24)] * 2 + [(6, 3, 10, 10)] * 3
+    assert all(g.min() >= 0 and g.max() <= 1 for g in geo)
+    out = mc.photometric(geo, index, epoch=2)
+    lo = (0 - torch.tensor(mc_mean())) / torch.tensor(mc_std())
+    hi = (1 - torch.tensor(mc_mean())) / torch.tensor(mc_std())
+    for x in out:
+        assert torch.all(x >= lo.view(1, 3, 1, 1) - 1e-5) and torch.all(x <= hi.view(1, 3, 1, 1) + 1e-5)
+    # the same sample gets the same crops whatever batch it is in
+    again = mc.photometric(mc.geometric(images[3:5], index[3:5], 2), index[3:5], 2)
+    for a, b in zip(out, again):
+        torch.testing.assert_close(a[3:5], b, rtol=0, atol=1e-6)
+    # another epoch, other crops; images of mixed sizes go through the same rule
+    other = mc.geometric(images, index, epoch=3)
+    assert not torch.equal(other[0], geo[0])
+    mixed = mc.geometric([images[0], images[1, :, :20, :30]], index[:2], 2)
+    torch.testing.assert_close(mixed[0][0], geo[0][0])
+
+
+def mc_mean():
+    from dinokit.data.normalize import MEAN
+    return MEAN
+
+
+def mc_std():
+    from dinokit.data.normalize import STD
+    return STD
+
+
+def test_counter_rng_is_uniform_and_keyed():
+    u = uniform(0, 0, torch.arange(200_000), 7)
+    assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.std().item() - (1 / 12) ** 0.5) < 0.005
+    assert not torch.equal(u[:100], uniform(0, 0, torch.arange(100), 8))
+    assert not torch.equal(u[:100], uniform(1, 0, torch.arange(100), 7))
+    # many draw ids in one call: the same numbers as one call per id, each with its own range
+    ids, low, high = torch.tensor([0, 7, 63, 10 ** 6]), torch.tensor([0, 0.5, -1, 2]), torch.tensor([1, 2, 1, 3])
+    grid = uniform(3, 4, torch.arange(50), ids, low, high)
+    assert grid.shape == (50, 4)
+    for j in range(4):
+        assert torch.equal(grid[:, j], uniform(3, 4, torch.arange(50), int(ids[j]), float(low[j]), float(high[j])))
+
+
+def test_crop_boxes_take_the_first_of_ten_tries_that_fits():
+    """torchvision's RandomResizedCrop rule, try by try, against the boxes drawn for all tries at once."""
+    import math
+    mc = MultiCrop(global_size=24, local_size=10, local_crops=1, global_scale=(0.3, 1.0), local_scale=(0.9, 1.0))
+    index = torch.arange(400)
+    for c, (h, w) in [(0, (30, 40)), (2, (8, 90))]:  # the thin image: tries often fail, some fall back
+        boxes = mc.crop_boxes(1, index, c, h, w)
+        scale, n_fallback = mc.crops[c].scale, 0
+        for i in range(len(index)):
+            d = lambda what, lo=0.0, hi=1.0: float(mc._draw(1, index[i:i + 1], c, what, lo, hi))
+            expected = None
+            for t in range(10):
+                target = torch.tensor(h * w, dtype=torch.float) * d(4 * t, *scale)
+                ratio = torch.exp(torch.tensor(d(4 * t + 1, math.log(3 / 4), math.log(4 / 3))))
+                bw, bh = torch.round(torch.sqrt(target * ratio)), torch.round(torch.sqrt(target / ratio))
+                if 0 < bw <= w and 0 < bh <= h:
+                    top = math.floor(d(4 * t + 2) * float(h - bh + 1))
+                    left = math.floor(d(4 * t + 3) * float(w - bw + 1))
+                    expected = [left, top, left + float(bw), top + float(bh)]
+                    break
+            if expected is None:
+                n_fallback += 1
+                bw, bh = min(w, round(h * 4 / 3)), h
+                expected = [(w - bw) // 2, 0, (w - bw) // 2 + bw, bh]
+            assert boxes[i].tolist() == expected, (c, i)
+        assert (n_fallback > 0) == (c == 2)
+
+
+def test_blur_zero_sigma_is_identity_and_blur_preserves_mean():
+    x = torch.rand(2, 3, 16, 16)
+    y = gaussian_blur(x, torch.tensor([0.0, 1.5]))
+    torch.testing.assert_close(y[0], x[0])
+    assert (y[1] - x[1]).abs().max() > 0.01
+    assert y[1].mean().item() == pytest.approx(x[1].mean().item(), abs=0.02)
