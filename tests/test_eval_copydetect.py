@@ -21,13 +21,21 @@ def test_average_precision_by_hand():
     assert mean_average_precision(retrieved, [{3}, {1}]) == pytest.approx((1.0 + (0 + 1 / 3) / 2) / 2)
 
 
-def test_whitening_gives_identity_covariance():
+def test_whitening_by_hand():
+    # The paper's whitening: eigenvectors and scales from the second-moment matrix x^T x / n (not the centred
+    # covariance), applied after subtracting the mean. So x @ projection has an identity second moment.
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2000, 6, generator=g) @ torch.randn(6, 6, generator=g) + 3.0
+    x = torch.randn(2000, 6, generator=g) @ torch.randn(6, 6, generator=g) + 10.0
     mean, projection = learn_whitening(x)
-    y = ((x - mean) @ projection).double()
-    torch.testing.assert_close(y.mean(0), torch.zeros(6, dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(mean, x.mean(0))
+    y = (x @ projection).double()
     torch.testing.assert_close(y.T @ y / len(y), torch.eye(6, dtype=torch.float64), atol=1e-3, rtol=0)
+    # Largest eigenvalue first: the first component is the mean direction (the mean is large here).
+    assert abs(torch.nn.functional.cosine_similarity(projection[:, 0], x.mean(0), dim=0)) > 0.99
+    # A direction with no energy is floored at 1e-5 of the largest eigenvalue instead of dividing by zero.
+    flat = torch.cat([x, torch.zeros(2000, 1)], dim=1)
+    _, p = learn_whitening(flat)
+    assert torch.isfinite(p).all() and p.abs().max() < 1e4
 
 
 def copydays_by_hand(root, rng):

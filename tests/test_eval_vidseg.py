@@ -110,3 +110,15 @@ def test_vidseg_command_end_to_end(tmp_path, capsys):
             ious.append(np.mean(js))
     assert result["J_mean"] == pytest.approx(np.mean(ious))
     assert result["JF_mean"] == pytest.approx((result["J_mean"] + result["F_mean"]) / 2)
+
+
+def test_score_video_objects_and_void_as_davis_counts_them():
+    # davis2017-evaluation scores objects 1..max id of the first annotation (an id missing from it still
+    # counts) and treats void pixels (255) as background.
+    gt = square(20, 20).astype(np.uint8) * 2
+    gt[0:5, 0:5] = 255
+    pred = square(20, 20).astype(np.uint8) * 2
+    scores = score_video([gt, pred, pred, gt], [gt, gt, gt, gt])
+    assert sorted(scores) == [1, 2]
+    assert scores[1] == (1.0, 1.0)  # empty in both: a perfect score, as the benchmark gives it
+    assert scores[2] == (1.0, 1.0)  # the void corner is not a region of object 2's truth

@@ -12,8 +12,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..data.decode import BadImage, decode_image
-from .common import add_common_args, load_model, log, pick_device, report, require_vit
-from .features import MEAN, STD
+from ..device import pick_device
+from .common import add_common_args, load_model, log, report, require_vit
+from ..data.normalize import normalize
 
 
 def register(sub):
@@ -45,13 +46,23 @@ def mass_mask(attn: torch.Tensor, threshold: float = 0.6) -> torch.Tensor:
     return keep.reshape(attn.shape)
 
 
+def resized_size(h: int, w: int, image_size: int) -> tuple[int, int]:
+    """(H, W) with the shorter side brought to `image_size` (0: as it is), before the crop to whole patches.
+
+    >>> resized_size(60, 90, 40)
+    (40, 60)
+    """
+    if not image_size:
+        return h, w
+    scale = image_size / min(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 def prepare(img: torch.Tensor, image_size: int, patch_size: int) -> torch.Tensor:
     """uint8 (3, H, W) -> [0, 1] float, shorter side resized, then cropped to whole patches."""
     x = img.float() / 255
     if image_size:
-        h, w = x.shape[-2:]
-        scale = image_size / min(h, w)
-        x = F.interpolate(x[None], size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bicubic",
+        x = F.interpolate(x[None], size=resized_size(*x.shape[-2:], image_size), mode="bicubic",
                           antialias=True, align_corners=False)[0].clamp(0, 1)
     h, w = (s - s % patch_size for s in x.shape[-2:])
     if h == 0 or w == 0:
@@ -101,8 +112,7 @@ def run(args):
             log(args, f"skipped {path}: {e}")
             skipped.append({"image": path, "reason": str(e)})
             continue
-        attn = cls_attention(model, ((x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1))
-                             .to(device)).float().cpu()
+        attn = cls_attention(model, normalize(x).to(device)).float().cpu()
         masks = mass_mask(attn, args.threshold)
         stem = Path(path).stem
         stems[stem] = stems.get(stem, 0) + 1

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from ..device import pick_device
 from ..models.weights import load_backbone
 from .features import eval_transform, extract_features
 
@@ -46,23 +47,6 @@ def add_common_args(p):
     p.add_argument("--num-workers", type=int, default=0, help="image decoding processes")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object, last on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """`auto`: this process's GPU (LOCAL_RANK's under torchrun), else Apple's MPS, else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available here")
-    return device
 
 
 def load_model(weights: str, which: str = "teacher") -> nn.Module:

@@ -74,12 +74,19 @@ def mean_average_precision(retrieved: torch.Tensor, positives: list[set[int]]) -
 # ---- whitening --------------------------------------------------------------------------------------
 
 def learn_whitening(feats: torch.Tensor, eps_ratio: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """PCA whitening from a set of features: (mean, projection) such that (x - mean) @ projection has
-    uncorrelated unit-variance components, largest variance first. Tiny eigenvalues are floored
-    (at 1e-5 of the largest) so that noise directions are not blown up."""
+    """PCA whitening from a set of features, as the paper's copy detection learns it: (mean, projection),
+    applied as (x - mean) @ projection. The eigenvectors (largest eigenvalue first) and the d^-1/2 scaling
+    come from the features' second-moment matrix x^T x / n, not from their centred covariance (the
+    reference's choice; the mean is only subtracted when applying). Tiny eigenvalues are floored at 1e-5 of
+    the largest so that noise directions are not blown up. Each component's sign is arbitrary.
+
+    >>> mean, projection = learn_whitening(torch.randn(500, 8) * torch.arange(1.0, 9.0))
+    >>> mean.shape, projection.shape
+    (torch.Size([8]), torch.Size([8, 8]))
+    """
     x = feats.double()
     mean = x.mean(0)
-    cov = (x - mean).T @ (x - mean) / x.shape[0]
+    cov = x.T @ x / x.shape[0]
     eigvals, eigvecs = torch.linalg.eigh(cov)
     eigvals = eigvals.clamp(min=eigvals.max().item() * eps_ratio)
     order = eigvals.argsort(descending=True)
@@ -90,9 +97,10 @@ def learn_whitening(feats: torch.Tensor, eps_ratio: float = 1e-5) -> tuple[torch
 # ---- command ----------------------------------------------------------------------------------------
 
 def square_transform(img: torch.Tensor, size: int) -> torch.Tensor:
-    """Resized to a size x size square whatever the aspect ratio (the reference's choice), normalised."""
-    x = F.interpolate(img[None].float(), size=(size, size), mode="bicubic", antialias=True,
-                      align_corners=False)[0].clamp(0, 255).round().to(torch.uint8)
+    """Resized to a size x size square whatever the aspect ratio (the reference's choice), with Pillow's
+    bicubic filter as the reference's torchvision `Resize` on PIL images does; normalised."""
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
     return eval_transform(x, crop=size)
 
 

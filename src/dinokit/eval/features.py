@@ -6,9 +6,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data.decode import BadImage
-
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+from ..data.normalize import MEAN, STD  # noqa: F401 (MEAN, STD: imported from here by other eval modules)
+from ..data.normalize import normalize as imagenet_normalize
 
 
 def eval_transform(img: torch.Tensor, resize: int = 256, crop: int = 224, normalize: bool = True,
@@ -23,11 +22,7 @@ def eval_transform(img: torch.Tensor, resize: int = 256, crop: int = 224, normal
         x = resize_centre_crop(x, resize, crop)
     elif native and min(x.shape[-2:]) > native:  # the whole image: shorter side to `native`, centre square
         x = resize_centre_crop(x, native, native)
-    if not normalize:
-        return x
-    mean = torch.tensor(MEAN).view(3, 1, 1)
-    std = torch.tensor(STD).view(3, 1, 1)
-    return (x - mean) / std
+    return imagenet_normalize(x) if normalize else x
 
 
 def resize_centre_crop(x: torch.Tensor, short_side: int, crop: int) -> torch.Tensor:
@@ -116,12 +111,24 @@ def cls_gem_features(p: float = 4.0):
 
 
 def last_blocks_features(n_last_blocks: int = 4, avgpool: bool = False):
-    """The linear probe's input: [CLS] of the last n blocks (final norm applied to each), concatenated,
-    plus the average of the last block's patch tokens with `avgpool` (the paper's ViT-B setting)."""
+    """The linear probe's input, as the paper's `eval_linear.py` builds it: [CLS] of the last n blocks (the
+    final norm applied to each), concatenated; with `avgpool`, also the average of the last block's patch
+    tokens. With one block (the paper's ViT-B setting) the two are interleaved feature by feature
+    (cls_0, avg_0, cls_1, avg_1, ...), the layout the paper's code makes and its released linear weights
+    expect; with more blocks (which the paper's code cannot combine with avgpool) the average is appended.
+
+    >>> from dinokit.models.vit import VisionTransformer
+    >>> last_blocks_features(2, avgpool=True)(VisionTransformer(32, 8, embed_dim=48, depth=2, num_heads=3),
+    ...                                       torch.zeros(1, 3, 32, 32)).shape
+    torch.Size([1, 144])
+    """
     def fn(model, x):
         layers = model.get_intermediate_layers(x, n_last_blocks)
         parts = [t[:, 0] for t in layers]
         if avgpool:
-            parts.append(layers[-1][:, 1:].mean(dim=1))
+            average = layers[-1][:, 1:].mean(dim=1)
+            if len(parts) == 1:
+                return torch.stack([parts[0], average], dim=2).flatten(1)
+            parts.append(average)
         return torch.cat(parts, dim=1)
     return fn

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.sources import open_source
-from .common import (Pixels, add_common_args, cached_features, load_model, log, pick_device, report, transform_for,
+from ..device import pick_device
+from .common import (Pixels, add_common_args, cached_features, load_model, log, report, transform_for,
                      weights_id)
 from .features import cls_features
 from .knn import knn_evaluate

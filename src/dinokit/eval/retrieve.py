@@ -1,6 +1,8 @@
 """`dinokit retrieve`: image retrieval on the revisited Oxford and Paris benchmarks (Radenović et al., CVPR 2018),
-as the paper evaluates it: frozen [CLS] features (optionally averaged over scales 1, 1/sqrt 2, 1/2), cosine
-similarity, mAP and mP@k on the Easy, Medium and Hard settings, junk images taken out of each ranking.
+as the paper evaluates it: frozen [CLS] features of thumbnails (optionally averaged over scales 1, 1/sqrt 2,
+1/2), cosine similarity, mAP and mP@k on the Easy, Medium and Hard settings, junk images taken out of each
+ranking. Like the paper's `eval_image_retrieval.py`, queries are whole images; `--crop-queries` crops them to
+their box, as the benchmark's own protocol does.
 
 Data layout, as the benchmark distributes it: a folder (e.g. `roxford5k/`) holding `jpg/NAME.jpg` and
 `gnd_roxford5k.pkl`, a pickled dict with `imlist` (database image names), `qimlist` (query names) and `gnd`
@@ -13,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..data.decode import decode_image
-from .common import Pixels, add_common_args, load_model, log, pick_device, report
+from ..device import pick_device
+from .common import Pixels, add_common_args, load_model, log, report
 from .features import MEAN, STD, extract_features
 
 SCALES = (1.0, 2 ** -0.5, 0.5)
@@ -96,10 +100,12 @@ def read_ground_truth(path: str | Path) -> dict:
 # ---- the metric -----------------------------------------------------------------------------------------
 def positive_positions(ranking, positives, junk) -> np.ndarray:
     """0-based positions of the positives in `ranking` (database indices, best first) once the junk
-    images are taken out of it."""
+    images are taken out of it. As in the benchmark's `compute_map`, an image listed both as a positive and
+    as junk stays a positive (only junk ranked before a positive moves it up)."""
     ranking = np.asarray(ranking)
-    ranking = ranking[~np.isin(ranking, list(junk))]
-    return np.flatnonzero(np.isin(ranking, list(positives)))
+    pos = np.flatnonzero(np.isin(ranking, list(positives)))
+    junk_at = np.flatnonzero(np.isin(ranking, list(junk)))
+    return pos - np.searchsorted(junk_at, pos, side="left")
 
 
 def average_precision(positions: np.ndarray, n_positives: int) -> float:
@@ -148,10 +154,11 @@ def evaluate(rankings: np.ndarray, gnd: list[dict], ks=(1, 5, 10)) -> dict:
 
 # ---- images and features ------------------------------------------------------------------------------
 class BenchmarkImages:
-    """The benchmark's images in ground-truth order (a source for `extract_features`); queries cropped to
-    their box."""
+    """The benchmark's images in ground-truth order (a source for `extract_features`), each cropped to its
+    box when boxes are given (`--crop-queries`)."""
 
     def __init__(self, name: str, folder: Path, names: list[str], boxes: list | None = None):
+        """`boxes`: (x1, y1, x2, y2) per image to crop to, or None (whole images)."""
         self.name, self.boxes = name, boxes
         self.paths = [str(folder / f"{n}.jpg") for n in names]
 
@@ -170,13 +177,11 @@ class BenchmarkImages:
 
 
 def shrink_to(img: torch.Tensor, imsize: int) -> torch.Tensor:
-    """uint8 (3, H, W) -> normalised float, the longer side shrunk to `imsize` when larger, no crop (the
-    paper's retrieval protocol: a thumbnail)."""
-    x = img.float().div_(255)
-    h, w = x.shape[-2:]
-    if max(h, w) > imsize:
-        size = (max(1, round(h * imsize / max(h, w))), max(1, round(w * imsize / max(h, w))))
-        x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0].clamp_(0, 1)
+    """uint8 (3, H, W) -> normalised float: the paper's retrieval input, Pillow's thumbnail (both sides at
+    most `imsize`, aspect kept, Lanczos filter, never enlarged, no crop)."""
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+    pil.thumbnail((imsize, imsize), Image.LANCZOS)
+    x = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float().div_(255)
     return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
 
 
@@ -226,6 +231,8 @@ def register(sub):
     p.add_argument("--data", required=True, help="benchmark folder holding jpg/ and gnd_NAME.pkl (e.g. roxford5k)")
     p.add_argument("--imsize", type=int, default=224, help="longer image side (images are shrunk, never cropped)")
     p.add_argument("--multiscale", action="store_true", help="average [CLS] over scales 1, 1/sqrt 2, 1/2")
+    p.add_argument("--crop-queries", action="store_true",
+                   help="crop queries to their box (the benchmark's protocol; the paper's script uses whole images)")
     p.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], help="mP@k for these k")
     p.set_defaults(func=run)
 
@@ -252,7 +259,8 @@ def run(args):
     if isinstance(model, Pixels):
         raise ValueError("--weights pixels cannot be used for retrieval: its images differ in size")
     database = BenchmarkImages(f"{name}:database", images, gt["imlist"])
-    queries = BenchmarkImages(f"{name}:queries", images, gt["qimlist"], [g["bbx"] for g in gt["gnd"]])
+    queries = BenchmarkImages(f"{name}:queries", images, gt["qimlist"],
+                              [g["bbx"] for g in gt["gnd"]] if args.crop_queries else None)
     db_feats, db_kept = features(model, database, args)
     q_feats, q_kept = features(model, queries, args)
     if len(q_kept) != len(queries):
@@ -261,9 +269,11 @@ def run(args):
     results = evaluate(rankings, gt["gnd"], args.k)
     percent = {s: {m: (v * 100 if m != "queries" else v) for m, v in r.items()} for s, r in results.items()}
     out = {"command": "retrieve", "weights": args.weights, "dataset": name, "data": str(args.data),
-           "multiscale": args.multiscale, "imsize": args.imsize, "n_database": len(database),
-           "n_queries": len(queries), "skipped": len(database) - len(db_kept), "results": percent}
-    lines = [f"{name} ({'multi-scale' if args.multiscale else 'single scale'}, {args.imsize} px): "
+           "multiscale": args.multiscale, "crop_queries": args.crop_queries, "imsize": args.imsize,
+           "n_database": len(database), "n_queries": len(queries), "skipped": len(database) - len(db_kept),
+           "results": percent}
+    lines = [f"{name} ({'multi-scale' if args.multiscale else 'single scale'}, {args.imsize} px, "
+             f"{'cropped' if args.crop_queries else 'whole'} queries): "
              + "  ".join(f"{s.capitalize()} mAP {r['mAP']:.2f}" for s, r in percent.items())]
     lines += [f"  {s.capitalize()}: " + "  ".join(f"mP@{k} {r[f'mP@{k}']:.2f}" for k in args.k)
               for s, r in percent.items()]

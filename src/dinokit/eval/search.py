@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..data.decode import decode_image
 from ..data.sources import open_source
 from ..models.weights import load_backbone
+from .common import transform_for
 from .features import extract_features
 
 FAISS_MIN_SIZE = 100_000  # below this, one matrix product in torch is as fast as faiss
@@ -34,8 +35,10 @@ class ImageFiles:
 
 
 def embed(model, source, batch_size: int = 64, device: str = "cpu", progress: bool = False):
-    """L2-normalised features of the readable images of `source`, their paths, and the skipped (path, reason)."""
-    feats, kept, skipped = extract_features(model, source, batch_size=batch_size, device=device, progress=progress)
+    """L2-normalised features of the readable images of `source`, their paths, and the skipped (path, reason).
+    Images are prepared as the k-NN evaluation prepares them (small ones at the ViT's training resolution)."""
+    feats, kept, skipped = extract_features(model, source, batch_size=batch_size, device=device, progress=progress,
+                                            transform=transform_for(model))
     return F.normalize(feats, dim=1), [source.paths[i] for i in kept], [(source.paths[i], r) for i, r in skipped]
 
 

@@ -4,6 +4,9 @@ Each frame's last-block patch tokens are its features. The labels of the first f
 frames flow to the next frame through the affinity exp(cos / 0.1), restricted to sources within 12 patches
 of the target, keeping the 5 strongest sources per target. Scored with DAVIS's J (region similarity, IoU)
 and F (contour accuracy), leaving out the first and last frames as the benchmark does.
+
+Frame sizes, preprocessing, propagation, upsampling and the metrics follow the paper's
+`eval_video_segmentation.py` and the davis2017-evaluation package (tests/test_protocol_parity.py).
 """
 import math
 from pathlib import Path
@@ -15,9 +18,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..data.decode import decode_image
-from .common import add_common_args, load_model, log, pick_device, report, require_vit
+from ..device import pick_device
+from .common import add_common_args, load_model, log, report, require_vit
 from .davis_synth import save_indexed
-from .features import MEAN, STD
+from .features import MEAN
+
+# The reference's frame normalisation for this protocol: ImageNet's, but with 0.228 as the red channel's std.
+FRAME_STD = (0.228, 0.224, 0.225)
 
 
 def register(sub):
@@ -26,7 +33,9 @@ def register(sub):
     p.add_argument("--davis", required=True, help="DAVIS root: JPEGImages/480p, Annotations/480p, ImageSets/2017")
     p.add_argument("--out", required=True, help="folder for the predicted masks (OUT/VIDEO/00000.png ...)")
     p.add_argument("--split", default="val", help="video list ImageSets/2017/SPLIT.txt (all videos if absent)")
-    p.add_argument("--size", type=int, default=480, help="shorter side the frames are resized to (0: as they are)")
+    p.add_argument("--size", type=int, default=480,
+                   help="shorter side the frames are resized to, the other side down to a multiple of 64 "
+                        "(the paper's rule; 0: as they are, down to whole patches)")
     p.add_argument("--n-last-frames", type=int, default=7)
     p.add_argument("--neighbourhood", type=int, default=12, help="radius in patches (0: no restriction)")
     p.add_argument("--topk", type=int, default=5)
@@ -61,17 +70,27 @@ def propagate(target: torch.Tensor, sources: list[torch.Tensor], source_labels: 
 
 
 def frame_size(h: int, w: int, size: int, patch: int) -> tuple[int, int]:
-    """Shorter side to `size` (0: unchanged), then both sides down to whole patches."""
-    if size:
-        scale = size / min(h, w)
-        h, w = round(h * scale), round(w * scale)
-    return max(patch, h - h % patch), max(patch, w - w % patch)
+    """The size frames are processed at. The paper's rule: the height becomes `size` unless the frame is
+    portrait (then the width does), and the other side scales along, rounded down to a multiple of 64
+    (DAVIS's 854 x 480 -> 832 x 480). `size` 0: the frame as it is, down to whole patches.
+
+    >>> frame_size(480, 854, 480, 16), frame_size(854, 480, 480, 16), frame_size(50, 70, 0, 16)
+    ((480, 832), (832, 480), (48, 64))
+    """
+    if not size:
+        return max(patch, h - h % patch), max(patch, w - w % patch)
+    if h > w:
+        return max(64, int(size * h / w) // 64 * 64), size
+    return size, max(64, int(size * w / h) // 64 * 64)
 
 
 def load_frame(path: Path, hw: tuple[int, int]) -> torch.Tensor:
-    x = decode_image(str(path)).float().div(255)
-    x = F.interpolate(x[None], size=hw, mode="bilinear", antialias=True, align_corners=False)[0]
-    return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    """A frame resized to `hw` as the reference does it (bilinear without antialiasing, to whole grey
+    levels, like OpenCV's resize of 8-bit images), normalised with `FRAME_STD`."""
+    x = decode_image(str(path)).float()
+    if tuple(x.shape[-2:]) != tuple(hw):
+        x = F.interpolate(x[None], size=hw, mode="bilinear", align_corners=False)[0].round_().clamp_(0, 255)
+    return (x / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(FRAME_STD).view(3, 1, 1)
 
 
 def read_labels(path: Path) -> np.ndarray:
@@ -107,8 +126,8 @@ def segment_video(model, frames: list[Path], first_labels: np.ndarray, args, dev
         soft = propagate(feat, [f for f, _ in context], [s for _, s in context], args.topk, args.temperature, mask)
         recent = (recent + [(feat, soft)])[-args.n_last_frames:] if args.n_last_frames else []
         # Upsample the soft labels to pixels, stretch each to [0, 1] (as the reference), take the best label.
-        up = F.interpolate(soft.reshape(1, num_labels, gh, gw), size=(h, w), mode="bilinear",
-                           align_corners=False)[0]
+        up = F.interpolate(soft.reshape(1, num_labels, gh, gw), scale_factor=patch, mode="bilinear",
+                           align_corners=False, recompute_scale_factor=False)[0]
         lo = up.flatten(1).min(1).values.view(-1, 1, 1)
         hi = up.flatten(1).max(1).values.view(-1, 1, 1)
         up = torch.where(hi > 0, (up - lo) / (hi - lo).clamp_min(1e-12), up)
@@ -159,9 +178,15 @@ def contour_accuracy(pred: np.ndarray, gt: np.ndarray, bound_th: float = 0.008) 
     return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
 
 
+VOID = 255  # DAVIS's label for pixels that are not scored
+
+
 def score_video(preds: list[np.ndarray], gts: list[np.ndarray]) -> dict[int, tuple[float, float]]:
-    """{object id: (J mean, F mean)} over the frames between the first and the last (DAVIS's convention)."""
-    objects = sorted(set(np.unique(gts[0]).tolist()) - {0})
+    """{object id: (J mean, F mean)} over the frames between the first and the last, as davis2017-evaluation
+    scores a semi-supervised result: objects 1 to the largest id of the first annotation, void pixels counted
+    as background."""
+    gts = [np.where(g == VOID, 0, g) for g in gts]
+    objects = range(1, int(gts[0].max()) + 1)
     frames = range(1, len(gts) - 1) if len(gts) > 2 else range(1, len(gts))
     out = {}
     for k in objects:
