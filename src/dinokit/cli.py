@@ -8,17 +8,21 @@ COMMANDS = [
     "dinokit.demo",
     "dinokit.train.command",
     "dinokit.train.bench",
+    "dinokit.finetune.command",
     "dinokit.models.command",
     "dinokit.models.export",
     "dinokit.eval.search",
     "dinokit.eval.knn_command",
     "dinokit.eval.attention",
+    "dinokit.eval.maskeval",
     "dinokit.eval.embed",
     "dinokit.eval.linear",
     "dinokit.eval.vidseg",
     "dinokit.eval.davis_synth",
     "dinokit.eval.copydetect",
     "dinokit.eval.retrieve",
+    "dinokit.explore.command",
+    "dinokit.experiments",
 ]
 
 
