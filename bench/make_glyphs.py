@@ -7,12 +7,13 @@ It checks that a preset made for Fashion-MNIST is not tuned to it (issue 7):
     python bench/make_glyphs.py /tmp/glyphs
     dinokit demo --data /tmp/glyphs/train --test /tmp/glyphs/test --out /tmp/glyphs-demo
 """
-import argparse
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from class_folders import folder_args, write_class_folders
 
 FONTS = ["DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-Oblique", "DejaVuSans-BoldOblique", "DejaVuSansMono",
          "DejaVuSansMono-Bold", "DejaVuSansMono-Oblique", "DejaVuSansMono-BoldOblique", "DejaVuSerif",
@@ -37,24 +38,11 @@ def render(digit: str, font_path: Path, rng: np.random.Generator) -> Image.Image
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out")
-    p.add_argument("--train", type=int, default=600, help="images per class in train/")
-    p.add_argument("--test", type=int, default=100, help="images per class in test/")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"{out} is not empty: choose another folder")
+    args = folder_args(__doc__.splitlines()[0], argv)
     fonts_dir = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
     fonts = [fonts_dir / f"{name}.ttf" for name in FONTS if (fonts_dir / f"{name}.ttf").exists()]
-    rng = np.random.default_rng(args.seed)
-    for split, n in (("train", args.train), ("test", args.test)):
-        for digit in "0123456789":
-            folder = out / split / digit
-            folder.mkdir(parents=True)
-            for i in range(n):
-                render(digit, fonts[rng.integers(len(fonts))], rng).save(folder / f"{i:04d}.png")
+    out = write_class_folders(args.out, list("0123456789"), lambda digit, rng: render(digit, fonts[rng.integers(
+        len(fonts))], rng), args.train, args.test, args.seed)
     print(f"{out}: {10 * args.train} train and {10 * args.test} test images of 10 classes, {len(fonts)} fonts")
 
 
