@@ -12,6 +12,7 @@ import resource
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -79,7 +80,9 @@ def count_flops(cfg, device: torch.device) -> float:
     trainer = Trainer(cfg, device, per_epoch, per_epoch)
     batch = next(b for b in run_batches(cfg, source, multicrop, device, decode=resolve_decode(cfg.decode, device.type),
                                         length=per_epoch) if b.views is not None)
-    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
+    # torch < 2.6 has no set_stance: there the counting step is eager anyway unless compile is on
+    eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
+    with eager, FlopCounterMode(display=False) as counter:
         trainer.train_step(batch.views)
     torch.set_rng_state(rng_state)
     return counter.get_total_flops() / len(batch.index)
