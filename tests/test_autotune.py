@@ -69,6 +69,14 @@ def test_an_explicit_precision_always_wins(cache):
     assert (tuned.precision, tuned.threads, why["reason"], calls) == ("bf16", 1, "given", [])
 
 
+def test_without_threads_a_run_uses_every_core_whatever_an_earlier_call_left(cache):
+    """A run's thread count (and with it its float sums, and whether its resume is exact) must not depend on
+    what the same process did before, e.g. an earlier run that measured one thread as the fastest."""
+    torch.set_num_threads(1)
+    tuned, _ = autotune.choose(Config(precision="fp32").validate(), CPU, 1, fake_clock({})[0])
+    assert tuned.threads == autotune.all_cores() == torch.get_num_threads()
+
+
 def test_a_run_records_its_choice_and_resumes_with_it(cache, tmp_path):
     from test_loop import TINY, write_fmnist_pngs
     data = write_fmnist_pngs(tmp_path / "data", "train", 32)

@@ -24,7 +24,7 @@ class FinetuneConfig:
     seed: int = 0  # data order, augmentation, the new head's initialisation
     device: str = "auto"  # auto (a GPU when there is one), cpu, cuda, cuda:1, mps
     num_workers: int = 0  # loader processes that decode and augment
-    precision: str = "auto"  # auto (bf16 on GPUs and CPUs with native bf16), bf16, fp32
+    precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPUs), bf16, fp32
     image_size: int = 0  # side of the training crops; 0: the size evaluation gives these images (see docs)
     # ---- optimisation (DeiT's: AdamW, warm-up then cosine, per step)
     epochs: int = 30  # length of the run (a time budget or --steps lays it out over another length)

@@ -21,6 +21,7 @@ from ..eval.features import extract_features
 from ..eval.knn import topk_accuracy
 from ..eval.knn_command import labels_for
 from ..models.weights import backbone_arch, load_backbone
+from ..train.autotune import all_cores
 from ..train.checkpoint import crash_for_tests, load_latest, save_checkpoint
 from ..train.config import resolve_precision
 from ..train.loop import StopRequested, TimeBudget, seconds_per_step
@@ -178,6 +179,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, tim
     classes = train_source.classes
     test_source = labelled(cfg.test, "test", classes) if cfg.test else None
     device = pick_device(cfg.device)
+    torch.set_num_threads(all_cores())  # not what an earlier call left: the sums, and a resume, depend on it
     torch.manual_seed(cfg.seed)
     per_epoch = steps_per_epoch(len(train_source), cfg.batch_size)
     if ckpt is None:  # the training crops' size, from the images and the backbone's resolution

@@ -50,9 +50,15 @@ def shape_key(cfg, world: int) -> str:
     return json.dumps({k: getattr(cfg, k) for k in SHAPE_KEYS} | {"world": world}, sort_keys=True)
 
 
+def all_cores() -> int:
+    """The cores this process may use. A run's default thread count: never whatever an earlier call in the same
+    process left in `torch.set_num_threads`, so that a run's arithmetic (and its resume) does not depend on it."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def candidates(cfg) -> list[tuple[str, int]]:
     """(precision, threads) pairs to time: fp32 and bf16 with every core, and fp32 on one core."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = all_cores()
     threads = [cfg.threads] if cfg.threads > 0 else sorted({cores, 1}, reverse=True)
     return [(p, t) for t in threads for p in ("fp32", "bf16") if t == threads[0] or p == "fp32"]
 
@@ -99,14 +105,14 @@ def choose(cfg, device: torch.device, world: int, measure, rounds: int = 2) -> t
     """The configuration with `precision` (and `threads`) resolved, and what was decided and why.
     `measure(cfg) -> seconds per step` times real training steps of a configuration."""
     if cfg.precision != "auto":
-        threads = cfg.threads or torch.get_num_threads()
+        threads = cfg.threads or all_cores()
         torch.set_num_threads(threads)
         return dataclasses.replace(cfg, threads=threads), {"precision": cfg.precision, "threads": threads,
                                                            "reason": "given"}
     if device.type != "cpu":  # bf16 where the GPU has it natively (Ampere and later), else fp16 with a scaler
         native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
         precision = "bf16" if native else ("fp16" if device.type == "cuda" else "fp32")
-        return dataclasses.replace(cfg, precision=precision, threads=cfg.threads or torch.get_num_threads()), \
+        return dataclasses.replace(cfg, precision=precision, threads=cfg.threads or all_cores()), \
             {"precision": precision, "reason": f"{device.type}: {precision} autocast"}
     machine, shape = machine_id(), shape_key(cfg, world)
     entry = read_cache(machine, shape)
