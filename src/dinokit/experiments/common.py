@@ -12,7 +12,6 @@ so the curves line up step for step and a run is reproducible with `--steps`. Sh
 planned (a busier machine), the arms after it get fewer steps, so that the whole still ends on time.
 """
 import json
-import os
 import platform
 import sys
 import time
@@ -197,7 +196,7 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def machine() -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = autotune.all_cores()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{autotune.machine_id().split('|')[0] or platform.machine()}, {cores} cores, {gpu}"
 
