@@ -5,10 +5,10 @@ the uniform distribution (teacher entropy -> log K), sharpening alone concentrat
 (entropy -> 0). Either way every image gets the same target and the student copies it exactly:
 KL(teacher || student) -> 0, no learning signal is left. With both, the KL stays away from 0.
 
-The runs use the paper's loss: KoLeo (on in the `fmnist-cpu` preset) is itself an anti-collapse term, and
-the iBOT patch term has its own center, so both are off; the rest of the preset (its model, data and
-schedules) is kept. `sharpening: false` gives the teacher the student's temperature; `centering: false`
-leaves the center out of the teacher's distribution.
+The runs use the paper's loss and head: KoLeo and BatchNorm in the head (both on in the `fmnist-cpu` preset)
+work against collapse themselves, and the iBOT patch term has its own center, so all three are off; the rest
+of the preset (its model, data and schedules) is kept. `sharpening: false` gives the teacher the student's
+temperature; `centering: false` leaves the center out of the teacher's distribution.
 """
 import math
 from pathlib import Path
@@ -27,7 +27,8 @@ ARMS = [Arm("centering", "centering only", {"centering": True, "sharpening": Fal
         Arm("sharpening", "sharpening only", {"centering": False, "sharpening": True}),
         Arm("both", "centering and sharpening", {"centering": True, "sharpening": True})]
 EXPECTED = {"centering": "uniform", "sharpening": "one prototype", "both": "no collapse"}  # the paper's Figure 7
-FIXED = {"koleo_weight": 0.0, "patch_loss_weight": 0.0}  # the paper's loss: no other anti-collapse term
+# the paper's loss and ViT head: no other anti-collapse term
+FIXED = {"koleo_weight": 0.0, "patch_loss_weight": 0.0, "use_bn_in_head": False}
 
 
 def register(sub):
@@ -96,9 +97,10 @@ def report(summary: dict, cfg, plan, command: str, figure_name: str) -> str:
 `{command}`
 
 Machine: {machine()}. Whole experiment: {summary['seconds']:.0f} s{summary['budget_note']}.
-Base configuration: preset `{summary['preset']}` on `{cfg.data}`, with the paper's loss (KoLeo and the patch term
-off), K = {cfg.out_dim} (log K = {log_k:.3f}), student temperature {cfg.student_temp:g}, center momentum
-{cfg.center_momentum:g}, batch {cfg.batch_size}, {cfg.precision} on {cfg.threads} thread(s), seed {cfg.seed}.
+Base configuration: preset `{summary['preset']}` on `{cfg.data}`, with the paper's loss and head (KoLeo, the
+patch term and the head's BatchNorm off), K = {cfg.out_dim} (log K = {log_k:.3f}), student temperature
+{cfg.student_temp:g}, center momentum {cfg.center_momentum:g}, batch {cfg.batch_size}, {cfg.precision} on
+{cfg.threads} thread(s), seed {cfg.seed}.
 Steps per run: {plan.steps} ({plan.reason}). k-NN: weighted, k = 20, teacher [CLS], {summary['knn']}; at
 initialisation (every run's starting weights) {plan.init_knn:.2f}%.
 

@@ -8,10 +8,10 @@
 The runs train on a seeded subset of the training images (`--train-subset`, 4,800 by default: 150 steps of
 batch 32 per epoch), so that a short run sees many epochs (about 20 in a 10-minute budget) and the
 previous-epoch teacher is replaced that many times. All three train on the same subset, with the `fmnist-cpu`
-preset as it is (its KoLeo term included: with the paper's loss alone the model barely learns at this scale,
-see docs/experiments.md; `--set koleo_weight=0` runs the paper's loss). The k-NN is checked at the same steps
-in every run, placed in the middle of epochs: at an epoch's end the previous-epoch teacher has just become
-the student.
+preset and the paper's ViT head, without BatchNorm (its KoLeo term included: with the paper's loss alone the
+model barely learns at this scale, see docs/experiments.md; `--set koleo_weight=0` runs the paper's loss).
+The k-NN is checked at the same steps in every run, placed in the middle of epochs: at an epoch's end the
+previous-epoch teacher has just become the student.
 """
 from pathlib import Path
 
@@ -166,7 +166,7 @@ def run(args) -> int:
             folder.mkdir(parents=True)
             write_subset(args.data, args.train_subset, 0, folder)
         data = str(folder)
-    cfg = base_config(args.preset, args.sets, data, {})
+    cfg = base_config(args.preset, args.sets, data, {"use_bn_in_head": False})  # the paper's ViT head
     cfg, plan = make_plan(cfg, ARMS, session.budget, args.steps, args.checks, session.knn, session.started,
                           session.log)
     runs = run_arms(cfg, ARMS, plan, session.out, session.knn,

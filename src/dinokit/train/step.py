@@ -128,6 +128,10 @@ class Trainer:
             fsdp.shard_(self.student)
             fsdp.shard_(self.teacher)
         elif dist.is_initialized():
+            if device.type == "cuda" and any(isinstance(m, nn.BatchNorm1d) for m in self.student.modules()):
+                # as the paper's code: BatchNorm in the head normalises over the global batch, in both models
+                self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+                self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
             self.student_ddp = nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[device.index] if device.type == "cuda" else None)
         groups = param_groups(self.student)
