@@ -5,6 +5,8 @@ small-scale value is what it is, and the measurements behind `auto`'s rules: doc
 """
 import math
 
+# The small-image recipe's largest crops, global and local: 5 x 5 and 3 x 3 tokens of 4 px (docs/recipe.md).
+MAX_SMALL_CROPS = (20, 12)
 # The small-image recipe, measured on Fashion-MNIST and checked on other small folders (docs/recipe.md):
 # a narrow ViT with a convolutional stem, two views, KoLeo, a small head with BatchNorm, a fast-following teacher.
 SMALL = {
@@ -20,7 +22,7 @@ PRESETS = {
     # The paper code's defaults: ViT-S/16, 2 x 224 + 8 x 96 crops, K = 65536, 100 epochs.
     "paper": {},
     # A small ViT for 28 x 28 images (Fashion-MNIST) on a CPU: what `auto` picks for Fashion-MNIST on a CPU.
-    "fmnist-cpu": {**SMALL, "global_crop_size": 20, "local_crop_size": 12},
+    "fmnist-cpu": {**SMALL, "global_crop_size": MAX_SMALL_CROPS[0], "local_crop_size": MAX_SMALL_CROPS[1]},
     # The paper code's recipe at the scale of issue benchmarks: ViT dim 192, depth 4, patch 4, 2 x 28 + 4 x 12.
     "bench-cpu": {
         "arch": "vit", "patch_size": 4, "embed_dim": 192, "depth": 4, "num_heads": 3,
@@ -28,7 +30,6 @@ PRESETS = {
     },
 }
 
-MAX_SMALL_CROPS = (20, 12)  # global and local crop sides of the small-image recipe, in pixels (docs/recipe.md)
 CPU_STEPS = 20_000  # a run without a time budget on a CPU: about this many steps (15-30 minutes at small scale)
 
 
@@ -51,14 +52,14 @@ def auto_preset(stats: dict, device_type: str, time_budget: float | None = None)
                f"device: {device_type}; " + (f"time budget {time_budget:.0f} s" if time_budget else "no time budget")]
     if side <= 64:
         values = dict(SMALL)
-        # a step's cost follows its tokens: at most 5 x 5 (global) and 3 x 3 (local) patches of 4 px
+        # a step's cost follows its tokens: capped, not a fixed fraction of the side
         values["global_crop_size"] = min(crop_size(side, 5 / 7, 4), MAX_SMALL_CROPS[0])
         values["local_crop_size"] = min(crop_size(side, 3 / 7, 4), MAX_SMALL_CROPS[1])
         reasons += [
             f"small images: the small-image recipe (ViT width 96, depth 3, conv stem, patch 4, KoLeo 0.1, "
             f"K {values['out_dim']}, BatchNorm in the head, batch 32, lr 0.005, teacher momentum 0.99), measured "
             f"on Fashion-MNIST",
-            f"training crops {values['global_crop_size']} px, 5/7 of the side and at most 20 px (5 x 5 tokens: on "
+            f"training crops {values['global_crop_size']} px, 5/7 of the side and at most {MAX_SMALL_CROPS[0]} px (on "
             f"Fashion-MNIST 20 of 28 px gave the same k-NN per step as 28 at 0.63 of the cost, on 32-px colour "
             f"shapes 20 px beat 24 by 5 points in 5 minutes); evaluation at the same size",
             "two views, no local crops: at minutes-long budgets the steps they cost are worth more than multi-crop"]
