@@ -7,7 +7,7 @@ KL(teacher || student) -> 0, no learning signal is left. With both, the KL stays
 
 The runs use the paper's loss and head: KoLeo and BatchNorm in the head (both on in the `fmnist-cpu` preset)
 work against collapse themselves, and the iBOT patch term has its own center, so all three are off; the rest
-of the preset (its model, data and schedules) is kept. `sharpening: false` gives the teacher the student's
+of the preset (its model, data and schedules) is kept, with every step on the same views (no early crops). `sharpening: false` gives the teacher the student's
 temperature; `centering: false` leaves the center out of the teacher's distribution.
 """
 import math
@@ -28,7 +28,7 @@ ARMS = [Arm("centering", "centering only", {"centering": True, "sharpening": Fal
         Arm("both", "centering and sharpening", {"centering": True, "sharpening": True})]
 EXPECTED = {"centering": "uniform", "sharpening": "one prototype", "both": "no collapse"}  # the paper's Figure 7
 # the paper's loss and ViT head: no other anti-collapse term
-FIXED = {"koleo_weight": 0.0, "patch_loss_weight": 0.0, "use_bn_in_head": False}
+FIXED = {"koleo_weight": 0.0, "patch_loss_weight": 0.0, "use_bn_in_head": False, "early_crops_share": 0.0}
 
 
 def register(sub):

@@ -78,6 +78,7 @@ def count_flops(cfg, device: torch.device) -> float:
     rng_state = torch.get_rng_state()
     source, per_epoch, multicrop = build_data(cfg)
     trainer = Trainer(cfg, device, per_epoch, per_epoch)
+    trainer.early_share = 0.0  # the configured views' step (a preset's smaller early views would be cheaper)
     batch = next(b for b in run_batches(cfg, source, multicrop, device, decode=resolve_decode(cfg.decode, device.type),
                                         length=per_epoch) if b.views is not None)
     # torch < 2.6 has no set_stance: there the counting step is eager anyway unless compile is on

@@ -106,6 +106,7 @@ def run(args):
         summary = train(cfg, args.out, resume=args.resume, time_budget=args.time_budget,
                         max_steps=args.max_steps, progress=not args.no_progress, steps=args.steps,
                         init=init, monitor=monitor, notes={"auto": reasons} if reasons else None)
+        distributed.barrier()  # the processes leave together
     except CheckpointWriteError as e:  # disk full: one clear line, no traceback
         print(f"dinokit train: error: {e.strerror}", file=sys.stderr)
         return 1

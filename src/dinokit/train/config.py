@@ -47,6 +47,8 @@ class Config:
     local_crops_number: int = 8  # local views per image
     global_crops_scale: list = field(default_factory=lambda: [0.4, 1.0])  # area range of the global views
     local_crops_scale: list = field(default_factory=lambda: [0.05, 0.4])  # area range of the local views
+    early_crops: list = field(default_factory=list)  # [global, local] sides of the first steps' views; []: none
+    early_crops_share: float = 0.0  # share of the run's steps trained on views resized to early_crops
     # ---- loss
     teacher_temp: float = 0.04  # the teacher's temperature after its warm-up (sharpening)
     warmup_teacher_temp: float = 0.04  # the teacher's temperature at the start
@@ -117,6 +119,11 @@ class Config:
             for k in ("global_crop_size", "local_crop_size"):
                 if getattr(self, k) < self.patch_size:
                     errors.append(f"{k} {getattr(self, k)} is smaller than patch_size {self.patch_size}")
+        if self.early_crops_share and not (isinstance(self.early_crops, (list, tuple)) and len(self.early_crops) == 2
+                                           and all(v > 0 and float(v).is_integer() for v in self.early_crops)):
+            errors.append(f"early_crops must be [global, local] sides in pixels (got {self.early_crops})")
+        if not 0 <= self.early_crops_share < 1:
+            errors.append(f"early_crops_share must be in [0, 1) (got {self.early_crops_share})")
         if not 0 < self.mask_ratio < 1:
             errors.append(f"mask_ratio must be in (0, 1) (got {self.mask_ratio})")
         if self.patch_loss_weight > 0 and self.arch not in (*VIT_SIZES, "vit"):

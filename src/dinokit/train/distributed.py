@@ -23,6 +23,13 @@ def init_from_env() -> bool:
     return True
 
 
+def barrier():
+    """Wait for every process (Gloo, no device sync). At the end of a run: rank 0 still writes its plots while
+    the others are done, and a process that tears its group down under a peer still using it can abort."""
+    if dist.is_initialized():
+        dist.barrier(group=cpu_group())
+
+
 def destroy():
     global _cpu_group
     _cpu_group = None

@@ -62,11 +62,25 @@ class TimeBudget:
         self.deadline = started + seconds - 2.0
         self.points = list(self.POINTS) if replan else []
         self.pace_from: tuple[int, float] | None = None  # (step, time) the pace is measured from
-        self.sec_per_step = math.nan  # the last pace measured
+        self.sec_per_step = math.nan  # the last pace measured, per full-size step
+        self.early_share, self.early_cost = 0.0, 1.0  # early_crops: the share of steps, their cost relative
 
     def steps_that_fit(self, sec_per_step: float) -> int:
         """Rank 0's number on every process: one schedule for all."""
         return distributed.broadcast_int(max(1, int((self.end - time.time()) / sec_per_step)))
+
+    def full_steps(self, first: int, stop: int, total: int) -> float:
+        """Steps first..stop-1 of a run of `total`, counted in full-size steps (an early one costs less)."""
+        early = max(0, min(stop, round(self.early_share * total)) - first)
+        return stop - first - early * (1 - self.early_cost)
+
+    def total_that_fits(self, step: int, sec_per_step: float) -> int:
+        """The run's length such that its steps from `step` on end on time, at `sec_per_step` per full-size
+        step; its early share of steps at their own cost. Rank 0's number on every process."""
+        full = max(1, int((self.end - time.time()) / sec_per_step))
+        f, r = self.early_share, self.early_cost
+        total = (full + r * step) / (1 - f + f * r)  # full = r (f total - step) + (1 - f) total
+        return distributed.broadcast_int(max(step + 1, int(total)) if f * total > step else step + full)
 
     def replan(self, step: int, total: int) -> int | None:
         """At a re-plan point, the run's new length from the pace since the last one; else None."""
@@ -79,9 +93,9 @@ class TimeBudget:
         if step < max(self.points[0] * total, self.pace_from[0] + 20):
             return None
         now = time.perf_counter()
-        self.sec_per_step = (now - self.pace_from[1]) / (step - self.pace_from[0])
+        self.sec_per_step = (now - self.pace_from[1]) / self.full_steps(self.pace_from[0], step, total)
         self.pace_from, self.points = (step, now), self.points[1:]
-        return step + self.steps_that_fit(self.sec_per_step)
+        return self.total_that_fits(step, self.sec_per_step)
 
     def new_length(self, step: int, total: int, log) -> int | None:
         """`replan`'s new length of the run when it differs from `total`, logged; else None."""
@@ -96,10 +110,12 @@ class TimeBudget:
 
 
 def measure_step(cfg: Config, device: torch.device, per_epoch: int, source, multicrop, decode: str,
-                 rank: int, world: int, warmup: int = 2, timed: int = 5) -> float:
-    """Seconds per step, data included, measured on a throwaway trainer; the global RNG is left as it was."""
+                 rank: int, world: int, warmup: int = 2, timed: int = 5, early: bool = False) -> float:
+    """Seconds per step, data included, measured on a throwaway trainer; the global RNG is left as it was.
+    Full-size steps, or with `early` the steps on `early_crops`."""
     with torch.random.fork_rng(devices=[]):  # the probe's draws leave the run's stream as it was
         probe = Trainer(cfg, device, per_epoch, warmup + timed)
+        probe.early_share = float(early)
         batches = run_batches(cfg, source, multicrop, device, 0, rank, world, decode, length=warmup + timed)
         return seconds_per_step(lambda batch: probe.train_step(batch.views), batches, device, warmup)
 
@@ -190,9 +206,15 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
         total_steps = int(ckpt["dinokit"]["total_steps"])
     elif budget is not None:
         sec_per_step = sec_per_step or measure(cfg)
-        total_steps = budget.steps_that_fit(sec_per_step)
+        if cfg.early_crops_share > 0:
+            budget.early_share = cfg.early_crops_share
+            budget.early_cost = measure_step(cfg, device, per_epoch, source, multicrop, decode, rank, world,
+                                             early=True) / sec_per_step
+        total_steps = budget.total_that_fits(0, sec_per_step)
         log(f"time budget {time_budget:.0f}s: {sec_per_step * 1000:.0f} ms/step measured -> {total_steps} steps "
-            f"({total_steps / per_epoch:.2f} epochs of {per_epoch} steps)")
+            f"({total_steps / per_epoch:.2f} epochs of {per_epoch} steps)"
+            + (f", the first {cfg.early_crops_share:.0%} on {'/'.join(str(int(v)) for v in cfg.early_crops)} px at "
+               f"{budget.early_cost:.2f} of the cost" if cfg.early_crops_share > 0 else ""))
     else:
         total_steps = steps if steps is not None else cfg.epochs * per_epoch
     trainer = Trainer(cfg, device, per_epoch, total_steps, init=init)

@@ -8,6 +8,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..loss import DINOLoss, PatchLoss, koleo_loss
 from ..models.convnets import CONVNETS
@@ -53,6 +54,22 @@ def clip_gradients_(params: list[torch.Tensor], clip: float):
         return
     scale = (clip / (fsdp.norms(grads) + 1e-6)).clamp(max=1.0)
     torch._foreach_mul_([fsdp.local(g) for g in grads], list(scale.unbind()))
+
+
+def early_views(views: list[torch.Tensor], sides: list[int]) -> list[torch.Tensor]:
+    """Views resized to the early sides, [global, local] (progressive resizing: the first steps see
+    smaller images, as FixRes-style training does, and the run ends at the evaluation's size).
+
+    >>> views = [torch.rand(2, 3, 20, 20)] * 2 + [torch.rand(2, 3, 12, 12)]
+    >>> [tuple(v.shape[-2:]) for v in early_views(views, [16, 8])]
+    [(16, 16), (16, 16), (8, 8)]
+    """
+    out = []
+    for v in views:
+        side = int(sides[0] if v.shape[-1] == views[0].shape[-1] else sides[1])
+        out.append(v if v.shape[-1] == side else
+                   F.interpolate(v, size=(side, side), mode="bilinear", antialias=True, align_corners=False))
+    return out
 
 
 @torch.no_grad()
@@ -158,6 +175,7 @@ class Trainer:
         self.last_layer = list(self.student.head.last_layer.parameters())
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
         self.clock = NoClock()
+        self.early_share = cfg.early_crops_share  # a step-time probe sets 0 or 1
         self.step = 0
 
     def train_step(self, views: list[torch.Tensor], with_stats: bool = False) -> tuple[torch.Tensor, dict]:
@@ -169,6 +187,8 @@ class Trainer:
         self.optimizer.param_groups[0]["weight_decay"] = wd
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if it < self.early_steps:  # the run's first steps on smaller views: cheaper, and as good early on
+            views = early_views(views, self.cfg.early_crops)
         masks = self.patch_masks(views[0]) if self.patch_loss is not None else None
         with self.autocast():
             # teacher on the global views
@@ -260,3 +280,8 @@ class Trainer:
         """What remains of every schedule laid out again over a new run length (a time budget re-measured)."""
         self.sched = self.sched.replan(self.step, total_steps)
         self.total_steps = total_steps
+
+    @property
+    def early_steps(self) -> int:
+        """Steps trained on `early_crops`: the configured share of the run, as long as the run is now."""
+        return round(self.early_share * self.total_steps)
