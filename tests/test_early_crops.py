@@ -41,7 +41,7 @@ def test_time_budget_lays_out_a_run_whose_cheaper_early_steps_fill_the_time(shar
     budget = TimeBudget(1000.0, time.time())
     budget.early_share, budget.early_cost = share, cost
     sec_per_step = 0.5
-    full = budget.steps_that_fit(sec_per_step)  # full-size steps that fit in what is left
+    full = int((budget.end - time.time()) / sec_per_step)  # full-size steps that fit in what is left
     total = budget.total_that_fits(step, sec_per_step)
     assert budget.full_steps(step, total, total) == pytest.approx(full, abs=1)
     assert total >= step + full  # cheaper steps: never fewer than at full size

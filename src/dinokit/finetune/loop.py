@@ -194,7 +194,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, tim
         total_steps = int(ckpt["dinokit"]["total_steps"])
     elif budget is not None:
         sec_per_step = measure_pace(cfg, device, len(classes), per_epoch, train_source, augment)
-        total_steps = budget.steps_that_fit(sec_per_step)
+        total_steps = budget.total_that_fits(0, sec_per_step)
         log(f"time budget {time_budget:.0f}s: {sec_per_step * 1000:.0f} ms/step measured -> {total_steps} steps "
             f"({total_steps / per_epoch:.2f} epochs of {per_epoch} steps)")
     else:

@@ -65,10 +65,6 @@ class TimeBudget:
         self.sec_per_step = math.nan  # the last pace measured, per full-size step
         self.early_share, self.early_cost = 0.0, 1.0  # early_crops: the share of steps, their cost relative
 
-    def steps_that_fit(self, sec_per_step: float) -> int:
-        """Rank 0's number on every process: one schedule for all."""
-        return distributed.broadcast_int(max(1, int((self.end - time.time()) / sec_per_step)))
-
     def full_steps(self, first: int, stop: int, total: int) -> float:
         """Steps first..stop-1 of a run of `total`, counted in full-size steps (an early one costs less)."""
         early = max(0, min(stop, round(self.early_share * total)) - first)
@@ -196,7 +192,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
     decode = resolve_decode(cfg.decode, device.type)
     source, per_epoch, multicrop = build_data(cfg)
     started = time.time()
-    measure = lambda c: measure_step(c, device, per_epoch, source, multicrop, decode, rank, world)  # noqa: E731
+    measure = lambda c, early=False: measure_step(c, device, per_epoch, source, multicrop, decode,  # noqa: E731
+                                                  rank, world, early=early)
     cfg, tuned = autotune.choose(cfg, device, world, measure)  # precision auto: measured (a resumed run's is set)
     if tuned["reason"] != "given":
         log(autotune.describe(tuned))
@@ -208,8 +205,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
         sec_per_step = sec_per_step or measure(cfg)
         if cfg.early_crops_share > 0:
             budget.early_share = cfg.early_crops_share
-            budget.early_cost = measure_step(cfg, device, per_epoch, source, multicrop, decode, rank, world,
-                                             early=True) / sec_per_step
+            budget.early_cost = measure(cfg, early=True) / sec_per_step
         total_steps = budget.total_that_fits(0, sec_per_step)
         log(f"time budget {time_budget:.0f}s: {sec_per_step * 1000:.0f} ms/step measured -> {total_steps} steps "
             f"({total_steps / per_epoch:.2f} epochs of {per_epoch} steps)"
