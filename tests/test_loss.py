@@ -27,6 +27,29 @@ def test_dino_loss_is_the_mean_over_cross_view_pairs(ncrops):
     torch.testing.assert_close(loss_fn.center, 0.9 * center + 0.1 * teacher.mean(0, keepdim=True))
 
 
+
+@pytest.mark.parametrize("ncrops, block_bytes", [(2, 1 << 20), (4, 4 * 16 * 2), (5, 4 * 16 * 3)])
+def test_dino_loss_gradient_by_blocks_is_autograds(ncrops, block_bytes, monkeypatch):
+    """The loss works a few batch rows at a time (cache-sized blocks) and computes its own gradient: the same
+    value and gradient as autograd through the plain formula, whole batch or in blocks of 2 or 3 rows."""
+    monkeypatch.setattr(dinokit.loss, "BLOCK_BYTES", block_bytes)
+    g = torch.Generator().manual_seed(ncrops)
+    B, K, tt, ts = 7, 16, 0.05, 0.1
+    student = torch.randn(ncrops * B, K, generator=g, dtype=torch.float64)
+    teacher, center = torch.randn(2 * B, K, generator=g, dtype=torch.float64), torch.randn(1, K, dtype=torch.float64)
+    q = torch.softmax((teacher - center) / tt, -1).chunk(2)
+
+    def plain(s):
+        logp = torch.log_softmax(s / ts, -1).chunk(ncrops)
+        return torch.stack([-(q[i] * logp[v]).sum(-1).mean() for i in range(2) for v in range(ncrops) if v != i]).mean()
+
+    ours = lambda s: dinokit.loss.CrossViewEntropy.apply(s, teacher, center, ts, tt, ncrops)
+    student.requires_grad_()
+    torch.testing.assert_close(ours(student), plain(student))
+    torch.testing.assert_close(torch.autograd.grad(3 * ours(student), student)[0],
+                               torch.autograd.grad(3 * plain(student), student)[0])
+    assert torch.autograd.gradcheck(ours, (student,))
+
 def test_centering_off_leaves_the_teacher_uncentred():
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(4 * 3, 8, generator=g), torch.randn(2 * 3, 8, generator=g)

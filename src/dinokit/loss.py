@@ -35,26 +35,79 @@ class DINOLoss(nn.Module):
 
     def teacher_probs(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         """The teacher's centred, sharpened distribution (no gradient)."""
-        centred = teacher_out.float() - self.center if self.centering else teacher_out.float()
-        return F.softmax(centred / teacher_temp, dim=-1).detach()
+        return sharpened(teacher_out.float().detach(), self.center if self.centering else 0.0, teacher_temp)
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
-        teacher_p = self.teacher_probs(teacher_out, teacher_temp)
-        batch = student_logp.shape[0] // self.ncrops
-        teacher_p = teacher_p.view(-1, batch, teacher_p.shape[-1])  # teacher views, B, K
-        # sum over pairs (iq, v != iq) of -q_iq . log p_v  ==  -sum over v of w_v . log p_v, where w_v sums the
-        # teacher views other than v: one product over all crops, no per-pair or stacked copies (4x faster).
-        shared = min(len(teacher_p), self.ncrops)  # views seen by both teacher and student
-        weights = teacher_p.sum(0).expand(self.ncrops, -1, -1).clone()
-        weights[:shared] -= teacher_p[:shared]
-        n_terms = len(teacher_p) * self.ncrops - shared
-        return -(weights.view_as(student_logp) * student_logp).sum() / (batch * n_terms)
+        center = self.center.clone() if self.centering else torch.zeros_like(self.center)  # the step moves it later
+        return CrossViewEntropy.apply(student_out.float(), teacher_out.float().detach(), center, self.student_temp,
+                                      teacher_temp, self.ncrops)
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor):
         """center = m * center + (1 - m) * the mean of the teacher's raw outputs over the global batch."""
         update_center_(self.center, teacher_out, self.center_momentum)
+
+
+def sharpened(teacher_out: torch.Tensor, center: torch.Tensor | float, teacher_temp: float) -> torch.Tensor:
+    """The teacher's distribution: softmax((t - center) / teacher_temp)."""
+    return F.softmax((teacher_out - center) / teacher_temp, dim=-1)
+
+
+# Bytes of logits a block of the loss works on: each op's temporaries stay in the CPU's L2 cache and are reused,
+# where whole tensors (100 MB at the paper's K) are fresh memory at every op. On a GPU, one block.
+BLOCK_BYTES = 1 << 20
+
+
+class CrossViewEntropy(torch.autograd.Function):
+    """DINO's loss and its gradient, a few batch rows at a time.
+
+    For student view v and image b: w = the sum of the teacher's centred, sharpened distributions of b's
+    global views other than v; the loss is the mean over pairs of -w . log_softmax(s / Ts), and its gradient
+    (|w| softmax(s / Ts) - w) / Ts, |w| the number of those views. By blocks of rows, each op touches only what
+    fits in the cache, and the backward recomputes the softmaxes instead of keeping (views x B, K) tensors:
+    the paper's K-way loss in 0.4 of the time on a CPU (BENCHMARKS.md).
+    """
+
+    @staticmethod
+    def blocks(student_out: torch.Tensor, teacher_out: torch.Tensor, center: torch.Tensor, student_temp: float,
+               teacher_temp: float, ncrops: int):
+        """For each block of batch rows and each student view: the rows, w, log_softmax(s / Ts)'s input."""
+        K = student_out.shape[-1]
+        batch = student_out.shape[0] // ncrops
+        teacher, student = teacher_out.view(-1, batch, K), student_out.view(ncrops, batch, K)
+        rows = batch if student_out.is_cuda else max(1, BLOCK_BYTES // (4 * K))
+        for b in range(0, batch, rows):
+            q = sharpened(teacher[:, b:b + rows], center, teacher_temp)
+            total = q.sum(0)
+            for v in range(ncrops):
+                w = total - q[v] if v < len(q) else total
+                yield v, slice(b, b + rows), w, student[v, b:b + rows] / student_temp
+
+    @staticmethod
+    def forward(ctx, student_out, teacher_out, center, student_temp, teacher_temp, ncrops):
+        args = (student_out, teacher_out, center, student_temp, teacher_temp, ncrops)
+        ctx.save_for_backward(student_out, teacher_out, center)
+        ctx.temps = student_temp, teacher_temp, ncrops
+        batch = student_out.shape[0] // ncrops
+        n_teacher = teacher_out.shape[0] // batch
+        ctx.n = batch * (n_teacher * ncrops - min(n_teacher, ncrops))  # terms: images x (teacher, other view) pairs
+        with torch.autocast(student_out.device.type, enabled=False):  # the inputs are fp32; so is all of it
+            dots = [torch.dot(w.flatten(), F.log_softmax(z, dim=-1).flatten())
+                    for _, _, w, z in CrossViewEntropy.blocks(*args)]
+        return -torch.stack(dots).sum() / ctx.n
+
+    @staticmethod
+    def backward(ctx, grad):
+        student_out, teacher_out, center = ctx.saved_tensors
+        student_temp, teacher_temp, ncrops = ctx.temps
+        K = student_out.shape[-1]
+        out = torch.empty_like(student_out).view(ncrops, -1, K)
+        scale = grad / (ctx.n * student_temp)
+        for v, rows, w, z in CrossViewEntropy.blocks(student_out, teacher_out, center, *ctx.temps):
+            block = out[v, rows]
+            torch.mul(F.softmax(z, dim=-1), w.sum(-1, keepdim=True), out=block)
+            block.sub_(w).mul_(scale)
+        return out.view_as(student_out), None, None, None, None, None
 
 
 @torch.no_grad()

@@ -167,8 +167,6 @@ class Trainer:
             self.dino_loss.center.copy_(init.center)
         if init is not None and init.optimizer is not None and not self.fsdp:
             self.optimizer.load_state_dict(init.optimizer)
-        if cfg.compile:  # the K-way softmaxes and their products fused into fewer passes over (views x B, K)
-            self.dino_loss.compile()
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" and device.type == "cuda" else None
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.sched = Schedules.build(cfg, total_steps, steps_per_epoch)
