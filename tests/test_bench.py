@@ -50,3 +50,13 @@ def test_bench_times_the_training_step_itself(folder, tmp_path):
     assert bench["loss"] == trained["loss"]
     assert bench["loss"] != train(Config(**{**cfg.to_dict(), "koleo_weight": 0.0}), tmp_path / "other",
                                   max_steps=4, progress=False)["loss"]  # the comparison can fail
+
+
+def test_bench_times_the_configured_views_not_the_early_ones(folder, tmp_path):
+    """A preset's smaller early views (`early_crops`) are left out of the timing: bench's steps are those of
+    the same run without them."""
+    cfg = Config(**TINY, data=str(folder), freeze_last_layer=0, early_crops=[8, 4], early_crops_share=0.5).validate()
+    bench = benchmark(cfg, steps=2, warmup=1)
+    full = train(Config(**{**cfg.to_dict(), "early_crops_share": 0.0}), tmp_path / "full", max_steps=4, progress=False)
+    assert bench["loss"] == full["loss"]
+    assert bench["loss"] != train(cfg, tmp_path / "early", max_steps=4, progress=False)["loss"]

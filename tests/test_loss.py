@@ -27,7 +27,6 @@ def test_dino_loss_is_the_mean_over_cross_view_pairs(ncrops):
     torch.testing.assert_close(loss_fn.center, 0.9 * center + 0.1 * teacher.mean(0, keepdim=True))
 
 
-
 @pytest.mark.parametrize("ncrops, block_bytes", [(2, 1 << 20), (4, 4 * 16 * 2), (5, 4 * 16 * 3)])
 def test_dino_loss_gradient_by_blocks_is_autograds(ncrops, block_bytes, monkeypatch):
     """The loss works a few batch rows at a time (cache-sized blocks) and computes its own gradient: the same
@@ -49,6 +48,7 @@ def test_dino_loss_gradient_by_blocks_is_autograds(ncrops, block_bytes, monkeypa
     torch.testing.assert_close(torch.autograd.grad(3 * ours(student), student)[0],
                                torch.autograd.grad(3 * plain(student), student)[0])
     assert torch.autograd.gradcheck(ours, (student,))
+
 
 def test_centering_off_leaves_the_teacher_uncentred():
     g = torch.Generator().manual_seed(0)

@@ -75,7 +75,7 @@ class CrossViewEntropy(torch.autograd.Function):
         K = student_out.shape[-1]
         batch = student_out.shape[0] // ncrops
         teacher, student = teacher_out.view(-1, batch, K), student_out.view(ncrops, batch, K)
-        rows = batch if student_out.is_cuda else max(1, BLOCK_BYTES // (4 * K))
+        rows = batch if student_out.is_cuda else max(1, BLOCK_BYTES // (student_out.element_size() * K))
         for b in range(0, batch, rows):
             q = sharpened(teacher[:, b:b + rows], center, teacher_temp)
             total = q.sum(0)

@@ -7,8 +7,9 @@ KL(teacher || student) -> 0, no learning signal is left. With both, the KL stays
 
 The runs use the paper's loss and head: KoLeo and BatchNorm in the head (both on in the `fmnist-cpu` preset)
 work against collapse themselves, and the iBOT patch term has its own center, so all three are off; the rest
-of the preset (its model, data and schedules) is kept, with every step on the same views (no early crops). `sharpening: false` gives the teacher the student's
-temperature; `centering: false` leaves the center out of the teacher's distribution.
+of the preset (its model, data and schedules) is kept, with every step on the same views (no early crops).
+`sharpening: false` gives the teacher the student's temperature; `centering: false` leaves the center out of the
+teacher's distribution.
 """
 import math
 from pathlib import Path
