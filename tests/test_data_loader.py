@@ -153,3 +153,19 @@ def test_on_the_cpu_workers_do_the_colour_half_too_and_give_the_same_views():
         pixels = v * std + mean  # grey in, grey out
         torch.testing.assert_close(pixels[:, 0], pixels[:, 1], rtol=0, atol=1e-6)
         torch.testing.assert_close(pixels[:, 1], pixels[:, 2], rtol=0, atol=1e-6)
+
+
+def test_decoded_images_are_kept_within_the_budget(tmp_path, monkeypatch):
+    for i in range(12):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    source, mc = FolderSource(tmp_path), MultiCrop(16, 8, 1, seed=0)
+    plain = RunBatches(source, mc, 4, seed=0)
+    plain = [plain[i][2] for i in range(9)]  # three epochs of 3 batches
+    decodes = []
+    real = decode_for_crops
+    monkeypatch.setattr("dinokit.data.loader.decode_for_crops", lambda *a: decodes.append(a[0]) or real(*a))
+    cached = RunBatches(source, mc, 4, seed=0, cache_bytes=5 * 20 * 20 * 3)  # room for 5 of 12 images
+    for i, crops in enumerate(plain):  # the same crops, bit for bit
+        assert all(torch.equal(x, y) for x, y in zip(cached[i][2], crops))
+    assert len(cached.decoded) == 5 and cached.cache_left == 0
+    assert len(decodes) == 12 + 2 * 7  # after the first epoch, only the 7 that did not fit are decoded again

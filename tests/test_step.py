@@ -103,7 +103,8 @@ def test_masked_patches_are_swapped_for_the_mask_token():
     student.mask_token.normal_()
     x = torch.randn(4, 3, 16, 16)
     out, _, patches = student(x, return_patches=True)  # no mask: every patch's head output
-    assert patches.shape == (4, 16, cfg.out_dim) and torch.allclose(out, student(x).logits)
+    assert patches.shape == (4, 16, cfg.out_dim)
+    torch.testing.assert_close(out, student(x).logits)  # the [CLS]-only path: the same to float rounding
     assert student(x).patch_logits is None  # one return type whatever is asked: a field left empty
     none = torch.zeros(4, 16, dtype=torch.bool)
     masked_out = student(x, masks=none | (torch.arange(16) == 5)).patch_logits  # patch 5 masked in every image

@@ -48,8 +48,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, return_attention: bool = False):
+    def forward(self, x, return_attention: bool = False, cls_only: bool = False):
+        """Attention over `x` (B, N, C); with `cls_only`, the [CLS] token's output alone (B, 1, C): only its
+        query is computed, against every token's key and value."""
         B, N, C = x.shape
+        if cls_only:
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, :1], w[:C], None if b is None else b[:C])
+            q = q.reshape(B, 1, self.num_heads, C // self.num_heads).transpose(1, 2)
+            kv = F.linear(x, w[C:], None if b is None else b[C:])
+            k, v = kv.reshape(B, N, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+            x = F.scaled_dot_product_attention(q, k, v)
+            return self.proj(x.transpose(1, 2).reshape(B, 1, C)), None
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each B, heads, N, head_dim
         if return_attention:
@@ -74,11 +84,12 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, return_attention: bool = False):
-        y, attn = self.attn(self.norm1(x), return_attention)
+    def forward(self, x, return_attention: bool = False, cls_only: bool = False):
+        """The block's output tokens; with `cls_only`, the [CLS] token's alone (B, 1, dim)."""
+        y, attn = self.attn(self.norm1(x), return_attention, cls_only)
         if return_attention:
             return attn
-        x = x + self.drop_path(y)
+        x = (x[:, :1] if cls_only else x) + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -178,7 +189,13 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)[:, 0]
+        """The final-norm [CLS] token: B, dim. Nothing reads the last block's other tokens, so only [CLS]
+        queries there: the same numbers, with that block's MLP and projections on one token, not all (a
+        quarter of a depth-3 ViT's work; BENCHMARKS.md)."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.norm(self.blocks[-1](x, cls_only=True))[:, 0]
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Softmaxed attention weights of the last block: B, heads, tokens, tokens."""

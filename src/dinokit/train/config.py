@@ -47,6 +47,7 @@ class Config:
     local_crops_number: int = 8  # local views per image
     global_crops_scale: list = field(default_factory=lambda: [0.4, 1.0])  # area range of the global views
     local_crops_scale: list = field(default_factory=lambda: [0.05, 0.4])  # area range of the local views
+    flip_p: float = 0.5  # probability of a horizontal flip of each view
     early_crops: list = field(default_factory=list)  # [global, local] sides of the first steps' views; []: none
     early_crops_share: float = 0.0  # share of the run's steps trained on views resized to early_crops
     # ---- loss
@@ -106,7 +107,7 @@ class Config:
         for k in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
             if not 0 < getattr(self, k) <= 10:
                 errors.append(f"{k} must be in (0, 10] (got {getattr(self, k)})")
-        for k in ("center_momentum", "momentum_teacher"):
+        for k in ("center_momentum", "momentum_teacher", "flip_p"):
             if not 0 <= getattr(self, k) <= 1:
                 errors.append(f"{k} must be in [0, 1] (got {getattr(self, k)})")
         for k in ("global_crops_scale", "local_crops_scale"):
