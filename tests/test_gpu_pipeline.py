@@ -12,7 +12,7 @@ from PIL import Image
 from dinokit.data import loader
 from dinokit.data.decode import decode_jpegs, read_jpeg
 from dinokit.data.loader import RunBatches, batch_loader, decode_on_device
-from dinokit.data.multicrop import MultiCrop, gaussian_blur, pad_to_canvas
+from dinokit.data.multicrop import NO_OP_SIGMA, MultiCrop, gaussian_blur, pad_to_canvas
 from dinokit.data.sources import FolderSource
 from dinokit.models.weights import safe_load
 from dinokit.train.config import Config, resolve_decode
@@ -154,6 +154,14 @@ def reference_blur(x: torch.Tensor, sigma: list[float]) -> torch.Tensor:
         padded = F.pad(image[None], (radius,) * 4, mode="reflect")
         out.append(F.conv2d(padded, k2.expand(3, 1, -1, -1), groups=3)[0])
     return torch.stack(out).float()
+
+
+def test_blur_too_small_to_move_a_grey_level_is_skipped():
+    x = torch.randint(0, 256, (3, 3, 12, 12)).float() / 255  # as crops are: whole grey levels
+    sigma = [0.0, NO_OP_SIGMA * 0.99, 0.1]
+    assert gaussian_blur(x, torch.tensor(sigma)) is x
+    assert (reference_blur(x, sigma) - x).abs().max() < 0.1 / 255  # what skipping it loses
+    assert (gaussian_blur(x, torch.tensor(sigma) * 1.02) - x).abs().max() > 0  # at the threshold and over it
 
 
 def test_blur_is_the_gaussian_and_augmentation_never_reads_device_values():

@@ -264,10 +264,11 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     made: the kernel's radius comes from its largest value without a device sync, and it crosses to x's
     device in a non-blocking copy."""
     sigma = sigma.cpu()
-    if float(sigma.max()) < NO_OP_SIGMA:
+    largest = float(sigma.max())
+    if largest < NO_OP_SIGMA:
         return x
     B, C, H, W = x.shape
-    radius = max(1, min(int(math.ceil(3 * float(sigma.max()))), (min(H, W) - 1)))
+    radius = max(1, min(int(math.ceil(3 * largest)), (min(H, W) - 1)))
     sigma = sigma.to(x.device, non_blocking=True)
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     s = sigma.to(x.dtype).clamp_min(1e-6).view(-1, 1)

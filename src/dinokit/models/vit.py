@@ -52,23 +52,21 @@ class Attention(nn.Module):
         """Attention over `x` (B, N, C); with `cls_only`, the [CLS] token's output alone (B, 1, C): only its
         query is computed, against every token's key and value."""
         B, N, C = x.shape
+        heads = (self.num_heads, C // self.num_heads)
         if cls_only:
             w, b = self.qkv.weight, self.qkv.bias
-            q = F.linear(x[:, :1], w[:C], None if b is None else b[:C])
-            q = q.reshape(B, 1, self.num_heads, C // self.num_heads).transpose(1, 2)
-            kv = F.linear(x, w[C:], None if b is None else b[C:])
-            k, v = kv.reshape(B, N, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-            x = F.scaled_dot_product_attention(q, k, v)
-            return self.proj(x.transpose(1, 2).reshape(B, 1, C)), None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each B, heads, N, head_dim
+            q = F.linear(x[:, :1], w[:C], None if b is None else b[:C]).reshape(B, 1, *heads).transpose(1, 2)
+            kv = F.linear(x, w[C:], None if b is None else b[C:]).reshape(B, N, 2, *heads)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = self.qkv(x).reshape(B, N, 3, *heads).permute(2, 0, 3, 1, 4).unbind(0)  # B, heads, N, dim
         if return_attention:
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             x = attn @ v
         else:
             attn = None
             x = F.scaled_dot_product_attention(q, k, v)
-        x = self.proj(x.transpose(1, 2).reshape(B, N, C))
+        x = self.proj(x.transpose(1, 2).reshape(B, q.shape[2], C))
         return x, attn
 
 
