@@ -156,8 +156,9 @@ def test_onnx_resnet(tmp_path):
     assert onnx_max_difference(resnet, out, [(2, 3, 64, 64), (1, 3, 96, 80)]) < 1e-3
 
 
-def test_conv_stem_vit_reloads_from_safetensors_and_tensors_alone(tmp_path):
-    model = jitter(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, stem="conv"), 0)
+@pytest.mark.parametrize("stem", ["conv", "conv-full"])
+def test_conv_stem_vit_reloads_from_safetensors_and_tensors_alone(tmp_path, stem):
+    model = jitter(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, stem=stem), 0)
     assert model.patch_embed(images(1, 3, 32, 32)).shape == (1, 16, 48)  # the patchify grid: 4 x 4
     out = export_backbone(model, "safetensors", tmp_path / "stem.safetensors")
     assert_same_features(model, load_backbone(out), VIT_SHAPES)

@@ -16,6 +16,7 @@ def random_vit(**kw) -> VisionTransformer:
 
 @pytest.mark.parametrize("kw", [
     dict(img_size=20, patch_size=4, embed_dim=48, depth=3, num_heads=4, stem="conv"),
+    dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, stem="conv-full"),
     dict(img_size=32, patch_size=8, embed_dim=36, depth=1, num_heads=3, qkv_bias=False),
 ])
 def test_cls_only_last_block_matches_all_tokens(kw):
@@ -45,3 +46,17 @@ def test_cls_only_keeps_stochastic_depth_draws():
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
     torch.manual_seed(2)
     assert not torch.allclose(model(x), fast)  # samples were dropped: other draws, other outputs
+
+
+def test_conv_stem_layouts():
+    """`conv` keeps the layout earlier runs saved (their checkpoints load); `conv-full` adds a full-resolution
+    convolution in a module of its own and widens the stride-2 ones up to the embedding width."""
+    def shapes(stem):
+        model = VisionTransformer(img_size=20, patch_size=4, embed_dim=96, depth=1, num_heads=4, stem=stem)
+        return {k: tuple(v.shape) for k, v in model.patch_embed.state_dict().items() if k.endswith("weight")}
+    assert shapes("conv") == {"stem.0.weight": (24, 3, 3, 3), "stem.2.weight": (48, 24, 3, 3),
+                              "proj.weight": (96, 48, 1, 1)}
+    assert shapes("conv-full") == {"full.0.weight": (16, 3, 3, 3), "stem.0.weight": (48, 16, 3, 3),
+                                   "stem.2.weight": (96, 48, 3, 3), "proj.weight": (96, 96, 1, 1)}
+    with pytest.raises(ValueError, match="stem must be"):
+        VisionTransformer(img_size=20, patch_size=4, embed_dim=96, depth=1, num_heads=4, stem="conv2")

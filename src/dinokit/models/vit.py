@@ -101,26 +101,42 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # B, patches, dim
 
 
+STEMS = ("patch", "conv", "conv-full")
+FULL_RES_CHANNELS = 16  # the `conv-full` stem's first convolution, at the image's own resolution
+
+
 class ConvStem(nn.Module):
     """Patches from a stack of 3 x 3 stride-2 convolutions, then a 1 x 1 projection (Xiao et al. 2021,
     "Early convolutions help transformers see better"): the same token grid as a `patch_size` patchify,
-    with local image structure built in, so that a small ViT learns sooner. Not in the paper's code."""
+    with local image structure built in, so that a small ViT learns sooner. Not in the paper's code.
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+    `full_res=False` (`stem: conv`): widths doubling up to half the embedding width. `full_res=True`
+    (`stem: conv-full`): a 3 x 3 convolution at full resolution first, and widths doubling up to the
+    embedding width itself, as in Xiao et al.; strokes a pixel wide reach the tokens (docs/recipe.md).
+
+    >>> [tuple(w.shape[:2]) for name, w in ConvStem(4, 3, 96, full_res=True).named_parameters() if "weight" in name]
+    [(16, 3), (48, 16), (96, 48), (96, 96)]
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, full_res: bool = False):
         super().__init__()
         n = int(math.log2(patch_size))
         if patch_size < 2 or 2 ** n != patch_size:
             raise ValueError(f"a convolutional stem needs a power-of-two patch size (got {patch_size})")
         self.patch_size = patch_size
-        widths = [in_chans] + [max(embed_dim >> (n - i), 8) for i in range(n)]  # doubling up to dim / 2
+        top = embed_dim if full_res else embed_dim // 2
+        widths = [max(top >> (n - 1 - i), 8) for i in range(n)]  # doubling up to `top`
+        # its own module, so that a state dict's count of `stem.N` convolutions still gives the patch size
+        self.full = nn.Sequential(nn.Conv2d(in_chans, FULL_RES_CHANNELS, kernel_size=3, padding=1), nn.GELU()) \
+            if full_res else nn.Identity()
         layers = []
-        for a, b in zip(widths[:-1], widths[1:]):
+        for a, b in zip([FULL_RES_CHANNELS if full_res else in_chans] + widths[:-1], widths):
             layers += [nn.Conv2d(a, b, kernel_size=3, stride=2, padding=1), nn.GELU()]
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(widths[-1], embed_dim, kernel_size=1)
 
     def forward(self, x):
-        return self.proj(self.stem(x)).flatten(2).transpose(1, 2)
+        return self.proj(self.stem(self.full(x))).flatten(2).transpose(1, 2)
 
 
 class VisionTransformer(nn.Module):
@@ -130,12 +146,13 @@ class VisionTransformer(nn.Module):
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path_rate: float = 0.0, eps: float = 1e-6, stem: str = "patch"):
         super().__init__()
-        if stem not in ("patch", "conv"):
-            raise ValueError(f"stem must be 'patch' (the paper's) or 'conv' (got {stem!r})")
+        if stem not in STEMS:
+            raise ValueError(f"stem must be 'patch' (the paper's), 'conv' or 'conv-full' (got {stem!r})")
         self.img_size, self.patch_size, self.stem = img_size, patch_size, stem
         self.embed_dim = self.num_features = embed_dim
         self.num_heads = num_heads
-        self.patch_embed = (PatchEmbed if stem == "patch" else ConvStem)(patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim) if stem == "patch" else \
+            ConvStem(patch_size, in_chans, embed_dim, full_res=stem == "conv-full")
         grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))

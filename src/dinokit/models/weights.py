@@ -193,7 +193,8 @@ def vit_arch_from_state_dict(sd: dict, num_heads: int | None = None) -> dict:
     grid = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
     return dict(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth,
                 num_heads=num_heads or heads_of_width.get(dim, max(dim // 64, 1)),
-                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim, **({"stem": "conv"} if stem_convs else {}))
+                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+                **({"stem": "conv-full" if "patch_embed.full.0.weight" in sd else "conv"} if stem_convs else {}))
 
 
 def _resnet_name(sd: dict) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 import yaml
 
 from ..models.convnets import CONVNETS
-from ..models.vit import VIT_SIZES
+from ..models.vit import STEMS, VIT_SIZES
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Config:
     depth: int = 12  # ViT blocks (arch vit)
     num_heads: int = 6  # ViT attention heads (arch vit)
     drop_path_rate: float = 0.1  # stochastic depth of the student
-    stem: str = "patch"  # ViT patch embedding: patch (one strided convolution, the paper's) or conv (3 x 3 convolutions)
+    stem: str = "patch"  # ViT patch embedding: patch (the paper's, one strided convolution), conv or conv-full
     # ---- head
     out_dim: int = 65536  # prototypes K
     head_hidden_dim: int = 2048  # the head's MLP width
@@ -129,10 +129,10 @@ class Config:
             errors.append(f"mask_ratio must be in (0, 1) (got {self.mask_ratio})")
         if self.patch_loss_weight > 0 and self.arch not in (*VIT_SIZES, "vit"):
             errors.append("patch_loss_weight needs a ViT (patch tokens)")
-        if self.stem not in ("patch", "conv"):
-            errors.append(f"stem must be 'patch' or 'conv' (got {self.stem!r})")
-        elif self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
-            errors.append(f"stem 'conv' needs a power-of-two patch_size (got {self.patch_size})")
+        if self.stem not in STEMS:
+            errors.append(f"stem must be one of {', '.join(STEMS)} (got {self.stem!r})")
+        elif self.stem != "patch" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            errors.append(f"stem {self.stem!r} needs a power-of-two patch_size (got {self.patch_size})")
         if self.optimizer not in ("adamw", "sgd"):
             errors.append(f"optimizer must be adamw or sgd (got {self.optimizer!r})")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
