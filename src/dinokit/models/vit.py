@@ -126,11 +126,12 @@ class ConvStem(nn.Module):
         self.patch_size = patch_size
         top = embed_dim if full_res else embed_dim // 2
         widths = [max(top >> (n - 1 - i), 8) for i in range(n)]  # doubling up to `top`
+        first = FULL_RES_CHANNELS if full_res else in_chans  # what the stride-2 convolutions start from
         # its own module, so that a state dict's count of `stem.N` convolutions still gives the patch size
-        self.full = nn.Sequential(nn.Conv2d(in_chans, FULL_RES_CHANNELS, kernel_size=3, padding=1), nn.GELU()) \
+        self.full = nn.Sequential(nn.Conv2d(in_chans, first, kernel_size=3, padding=1), nn.GELU()) \
             if full_res else nn.Identity()
         layers = []
-        for a, b in zip([FULL_RES_CHANNELS if full_res else in_chans] + widths[:-1], widths):
+        for a, b in zip([first] + widths[:-1], widths):
             layers += [nn.Conv2d(a, b, kernel_size=3, stride=2, padding=1), nn.GELU()]
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(widths[-1], embed_dim, kernel_size=1)
@@ -147,7 +148,7 @@ class VisionTransformer(nn.Module):
                  drop_path_rate: float = 0.0, eps: float = 1e-6, stem: str = "patch"):
         super().__init__()
         if stem not in STEMS:
-            raise ValueError(f"stem must be 'patch' (the paper's), 'conv' or 'conv-full' (got {stem!r})")
+            raise ValueError(f"stem must be one of {', '.join(STEMS)} ('patch': the paper's; got {stem!r})")
         self.img_size, self.patch_size, self.stem = img_size, patch_size, stem
         self.embed_dim = self.num_features = embed_dim
         self.num_heads = num_heads
