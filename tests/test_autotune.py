@@ -122,10 +122,12 @@ def test_train_without_a_preset_uses_auto_and_says_why(tmp_path, capsys):
     data = write_folder(tmp_path / "data", 24, (30, 30), "L")
     out = tmp_path / "run"
     code = cli_main(["train", "--data", str(data), "--out", str(out), "--max-steps", "1", "--no-progress",
-                     "--set", "batch_size=8", "--set", "precision=fp32"])
+                     "--set", "batch_size=8", "--set", "precision=fp32",
+                     "--set", "early_crops_share=0.75"])  # valid only with the early crops auto adds
     assert code == 0
     err = capsys.readouterr().err
     assert "auto: data: 24 images, median short side 30 px, grey" in err
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written["global_crop_size"] == 20 and written["batch_size"] == 8  # --set still wins
+    assert written["early_crops"] == [16, 8] and written["early_crops_share"] == 0.75
     assert written["resolved"]["auto"][0].startswith("data: 24 images")

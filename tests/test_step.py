@@ -113,6 +113,18 @@ def test_masked_patches_are_swapped_for_the_mask_token():
     torch.testing.assert_close(tokens[:, 6] - student.backbone.pos_embed[:, 6], student.mask_token.expand(4, -1))
 
 
+def test_patch_term_with_batchnorm_in_the_head():
+    """iBOT's term beside the small recipe's BatchNorm head: the head normalises rows of tokens, whatever the
+    patch outputs' shape (the teacher's are views x patches; this once stopped a run at its first step)."""
+    trainer, _ = run_steps(tiny_config(patch_loss_weight=1.0, use_bn_in_head=True), 2)
+    assert trainer.step == 2 and trainer.patch_loss.center.abs().sum() > 0
+    with torch.no_grad():
+        x = torch.randn(4, 3, 16, 16)
+        patches = trainer.teacher.eval()(x, return_patches=True).patch_logits
+        tokens = trainer.teacher.backbone.forward_features(x)[:, 1:]
+        torch.testing.assert_close(patches, trainer.teacher.head(tokens.flatten(0, 1)).view(4, 16, -1))
+
+
 @pytest.mark.parametrize("mode", ["student", "previous_epoch"])
 def test_teacher_ablations_copy_the_student(mode):
     """Table 10's teachers: a copy of the student after every step, or after every epoch (4 steps here)."""

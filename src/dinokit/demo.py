@@ -104,7 +104,7 @@ def run(args):
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     preset, notes = args.preset, None
     if preset == "auto":
-        base = resolve(None, None, args.sets, data=args.data)
+        base = resolve(None, None, args.sets, data=args.data, validate=False)
         preset, reasons = auto_values(base.data, base.device, args.time_budget)
         notes = {"auto": reasons}
     cfg = resolve(preset, None, args.sets, data=args.data)

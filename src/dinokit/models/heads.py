@@ -108,4 +108,6 @@ class MultiCropWrapper(nn.Module):
                 feats.append(self.backbone(x))
             start = end
         feats = torch.cat(feats)
-        return MultiCropOutput(self.head(feats), feats, None if patches is None else self.head(patches))
+        if patches is not None:  # the head sees rows of tokens: BatchNorm in it normalises over tokens
+            patches = self.head(patches.flatten(0, -2)).unflatten(0, patches.shape[:-1])
+        return MultiCropOutput(self.head(feats), feats, patches)

@@ -93,7 +93,7 @@ def run(args):
         raise FileNotFoundError(f"data folder {args.data} does not exist")  # before anything is loaded
     preset, reasons = args.preset or (None if args.config else "auto"), None
     if preset == "auto":  # from the data the run will read (a --set or --config data= included)
-        base = resolve(None, args.config, args.sets, data=args.data)
+        base = resolve(None, args.config, args.sets, data=args.data, validate=False)
         preset, reasons = auto_values(base.data, base.device, args.time_budget, log=log_main)
     cfg = resolve(preset, args.config, args.sets, data=args.data, batch_size=args.batch_size)
     init = read_init(args.init, cfg, args.init_head) if args.init else None  # a mismatch stops it here

@@ -247,8 +247,11 @@ def load_yaml(path: str) -> dict:
     return data
 
 
-def resolve(preset: str | dict | None = None, file: str | None = None, sets: list[str] = (), **direct) -> Config:
-    """Defaults < preset (a name, or the values `auto` picked) < YAML file < --set < direct arguments (--data)."""
+def resolve(preset: str | dict | None = None, file: str | None = None, sets: list[str] = (), validate: bool = True,
+            **direct) -> Config:
+    """Defaults < preset (a name, or the values `auto` picked) < YAML file < --set < direct arguments (--data).
+    `validate=False`: not checked as a whole, for reading where the data is before `auto` fills in the rest (a
+    --set that needs `auto`'s values, such as `early_crops_share` alone, is valid only with them)."""
     from .presets import PRESETS
 
     config = Config()
@@ -262,4 +265,4 @@ def resolve(preset: str | dict | None = None, file: str | None = None, sets: lis
         config = apply(config, load_yaml(file))
     config = apply(config, parse_sets(list(sets)))
     config = apply(config, {k: v for k, v in direct.items() if v is not None})
-    return config.validate()
+    return config.validate() if validate else config
