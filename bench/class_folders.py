@@ -25,11 +25,14 @@ def write_class_folders(out: str | Path, classes: list[str], draw: Callable[[str
     return out
 
 
-def folder_args(description: str, argv=None) -> argparse.Namespace:
-    """The generators' shared command line: OUT, --train and --test images per class, --seed."""
+def folder_args(description: str, argv=None, size: int | None = None) -> argparse.Namespace:
+    """The generators' shared command line: OUT, --train and --test images per class, --seed; with `size`,
+    --size (the images' side, `size` by default)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("out")
     p.add_argument("--train", type=int, default=600, help="images per class in train/")
     p.add_argument("--test", type=int, default=100, help="images per class in test/")
     p.add_argument("--seed", type=int, default=0)
+    if size:
+        p.add_argument("--size", type=int, default=size, help="side of the images in pixels")
     return p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Write a small labelled folder of 32 x 32 colour images: 10 classes of shapes and textures, each drawn in
+"""Write a small labelled folder of 32 x 32 (or --size) colour images: 10 classes of shapes and textures, each drawn in
 random colours on a random (sometimes textured) background, at a random position, scale and rotation, as PNGs
 in class folders (train/ and test/). Colour tells nothing about the class; shape and texture do.
 
@@ -6,6 +6,8 @@ It checks that a preset is not tuned to grey 28-pixel images (issue 16):
 
     python bench/make_shapes.py /tmp/shapes
     dinokit demo --data /tmp/shapes/train --test /tmp/shapes/test --preset auto --time-budget 5m
+
+`--size 96` writes them at 96 x 96 (the size they are drawn at), for `auto`'s mid-size rule.
 """
 import math
 
@@ -54,7 +56,7 @@ def texture(kind: str, fg: tuple, bg: tuple, rng: np.random.Generator, size: int
     return img
 
 
-def draw_image(label: str, rng: np.random.Generator) -> Image.Image:
+def draw_image(label: str, rng: np.random.Generator, size: int = 32) -> Image.Image:
     bg, fg = colour(rng), None
     fg = colour(rng, avoid=bg)
     if label in ("h-stripes", "v-stripes", "checks", "dots"):  # a texture patch over part of the tile
@@ -88,13 +90,17 @@ def draw_image(label: str, rng: np.random.Generator) -> Image.Image:
                               (cx - dx + nx, cy - dy + ny)], fill=fg)
     pixels = np.asarray(img.filter(ImageFilter.GaussianBlur(0.6)), dtype=np.float64)
     pixels += rng.normal(0, 8, pixels.shape)  # sensor noise
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).resize((32, 32), Image.LANCZOS)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).resize((size, size), Image.LANCZOS)
 
 
 def main(argv=None):
-    args = folder_args(__doc__.splitlines()[0], argv)
-    out = write_class_folders(args.out, CLASSES, draw_image, args.train, args.test, args.seed)
-    print(f"{out}: {10 * args.train} train and {10 * args.test} test 32 x 32 colour images of {len(CLASSES)} classes")
+    args = folder_args(__doc__.splitlines()[0], argv, size=32)
+    if not 8 <= args.size <= CANVAS:
+        raise SystemExit(f"--size must be between 8 and {CANVAS} (the size the shapes are drawn at)")
+    out = write_class_folders(args.out, CLASSES, lambda label, rng: draw_image(label, rng, args.size), args.train,
+                              args.test, args.seed)
+    print(f"{out}: {10 * args.train} train and {10 * args.test} test {args.size} x {args.size} colour images of "
+          f"{len(CLASSES)} classes")
 
 
 if __name__ == "__main__":

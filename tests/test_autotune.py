@@ -111,6 +111,11 @@ def test_auto_preset_follows_the_data_and_reproduces_fmnist_cpu(tmp_path):
     crops = [(v["global_crop_size"], v["local_crop_size"]) for v in
              (auto_preset({"images": 10_000, "short_side": side, "grey": True}, "cpu", 300)[0] for side in (16, 64))]
     assert crops == [(12, 8), (20, 12)]  # 5/7 and 3/7 of the side, at most 5 x 5 and 3 x 3 tokens
+    mid = {"images": 6000, "short_side": 96, "grey": False}
+    on_cpu, why = auto_preset(mid, "cpu", 300)
+    assert on_cpu == PRESETS["fmnist-cpu"]  # mid-size on a CPU: the small recipe, views brought down to 20 px
+    assert any(line.startswith("mid-size images on a CPU") for line in why)
+    assert auto_preset(mid, "cuda", 300)[0]["patch_size"] == 8  # on a GPU: the mid-size ViT
     photos = {"images": 100_000, "short_side": 375, "grey": False}
     assert auto_preset(photos, "cuda")[0] == {"local_crops_number": 10, "out_dim": 16384}  # the paper's recipe
     cpu_photos = auto_preset(photos, "cpu", 3600)[0]
