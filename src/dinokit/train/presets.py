@@ -53,10 +53,10 @@ def auto_preset(stats: dict, device_type: str, time_budget: float | None = None)
     n, side = stats["images"], stats["short_side"]
     reasons = [f"data: {n} images, median short side {side} px, {'grey' if stats['grey'] else 'colour'}; "
                f"device: {device_type}; " + (f"time budget {time_budget:.0f} s" if time_budget else "no time budget")]
-    # On a CPU the mid-size ViT below trains too few steps to learn (96-px colour shapes in 5 minutes: 97 steps,
+    # On a CPU the larger ViTs below train too few steps to learn (colour shapes in 5 minutes: at 96 px 97 steps,
     # 21.0% k-NN against 25.6 for pixels); the small recipe on views brought down to its crops learns (69.5%).
-    mid_on_cpu = 64 < side < 160 and device_type == "cpu"
-    if side <= 64 or mid_on_cpu:
+    large_on_cpu = side > 64 and device_type == "cpu"
+    if side <= 64 or large_on_cpu:
         values = dict(SMALL)
         # a step's cost follows its tokens: capped, not a fixed fraction of the side
         values["global_crop_size"] = min(crop_size(side, 5 / 7, 4), MAX_SMALL_CROPS[0])
@@ -72,10 +72,11 @@ def auto_preset(stats: dict, device_type: str, time_budget: float | None = None)
             f"Fashion-MNIST 20 of 28 px gave the same k-NN per step as 28 at 0.63 of the cost, on 32-px colour "
             f"shapes 20 px beat 24 by 5 points in 5 minutes); evaluation at the same size",
             "two views, no local crops: at minutes-long budgets the steps they cost are worth more than multi-crop"]
-        if mid_on_cpu:
-            reasons.append(f"mid-size images on a CPU: the small-image recipe, its views brought down to "
-                           f"{values['global_crop_size']} px (96-px colour shapes, 5 minutes: 69.5% k-NN against 21.0 "
-                           "for the mid-size ViT, which trained 97 steps; pixels 25.6)")
+        if large_on_cpu:
+            reasons.append(f"images larger than 64 px on a CPU: the small-image recipe, its views brought down to "
+                           f"{values['global_crop_size']} px (colour shapes in 5 minutes, 96 px: 69.5% k-NN against "
+                           "21.0 for a ViT of width 192 at 72 px, which trained 97 steps; 192 px: 69.1 against "
+                           "19.0 for ViT-Ti/16 at 96 px; pixels 25.6 and 25.3)")
         if "early_crops" in values:
             reasons.append(f"the first half of the steps on {values['early_crops'][0]}-px views, one token a side "
                            "fewer (progressive resizing: 0.76 of the step's cost, +0.5 and +0.8 k-NN in 5 minutes on "
@@ -83,7 +84,7 @@ def auto_preset(stats: dict, device_type: str, time_budget: float | None = None)
         if device_type == "cuda":
             values["batch_size"] = 256
             reasons.append("GPU: batch 256 (lr scales with it)")
-    elif side < 160:  # on a GPU (not measured yet)
+    elif side < 160:  # on a GPU (not measured yet); a CPU takes the small recipe above
         patch = 8
         values = {"arch": "vit", "patch_size": patch, "embed_dim": 192, "depth": 6, "num_heads": 3,
                   "global_crop_size": crop_size(side, 0.75, patch), "local_crop_size": crop_size(side, 0.375, patch),
@@ -93,19 +94,13 @@ def auto_preset(stats: dict, device_type: str, time_budget: float | None = None)
         reasons.append(f"mid-size images: ViT width 192, depth 6, patch 8, crops {values['global_crop_size']} / "
                        f"{values['local_crop_size']} px with 4 local views, K 4096 (scaled between the small recipe "
                        "and the paper's; not yet measured at this size)")
-    else:
-        values = {"local_crops_number": 10} if device_type == "cuda" else \
-            {"arch": "vit_tiny", "global_crop_size": 96, "local_crop_size": 48, "local_crops_number": 4,
-             "out_dim": 16384, "batch_size": 32, "momentum_teacher": 0.99, "koleo_weight": 0.1,
-             "warmup_epochs": 1, "epochs": 10, "freeze_last_layer": 0}
-        reasons.append("photo-size images: the paper's recipe (ViT-S/16, 2 x 224 + 10 x 96 crops, K 65536)" if
-                       device_type == "cuda" else
-                       "photo-size images on a CPU: ViT-Ti/16 at 96 / 48 px with 4 local views, K 16384 (the paper's "
-                       "recipe, shrunk to what a CPU trains in hours; not yet measured)")
+    else:  # on a GPU (not measured yet); a CPU takes the small recipe above
+        values = {"local_crops_number": 10}
+        reasons.append("photo-size images: the paper's recipe (ViT-S/16, 2 x 224 + 10 x 96 crops, K 65536)")
     values["out_dim"] = min(values.get("out_dim", 65536), max(256, 2 ** round(math.log2(max(n, 1) / 6))))
-    if values["out_dim"] < (SMALL["out_dim"] if side <= 64 or mid_on_cpu else 65536):
+    if values["out_dim"] < (SMALL["out_dim"] if side <= 64 or large_on_cpu else 65536):
         reasons.append(f"K {values['out_dim']}: about one prototype per 6 images of a small data set")
-    if not time_budget and side <= 160 and device_type == "cpu":
+    if not time_budget and device_type == "cpu":
         per_epoch = max(1, n // values.get("batch_size", 64))
         values["epochs"] = max(1, min(100, CPU_STEPS // per_epoch))
         reasons.append(f"no time budget: {values['epochs']} epochs, about {CPU_STEPS} steps (--time-budget to fit "
