@@ -55,8 +55,8 @@ def auto_preset(stats: dict, device_type: str, time_budget: float | None = None)
                f"device: {device_type}; " + (f"time budget {time_budget:.0f} s" if time_budget else "no time budget")]
     # On a CPU the larger ViTs below train too few steps to learn (colour shapes in 5 minutes: at 96 px 97 steps,
     # 21.0% k-NN against 25.6 for pixels); the small recipe on views brought down to its crops learns (69.5%).
-    large_on_cpu = side > 64 and device_type == "cpu"
-    if side <= 64 or large_on_cpu:
+    small_recipe = side <= 64 or device_type == "cpu"
+    if small_recipe:
         values = dict(SMALL)
         # a step's cost follows its tokens: capped, not a fixed fraction of the side
         values["global_crop_size"] = min(crop_size(side, 5 / 7, 4), MAX_SMALL_CROPS[0])
@@ -72,7 +72,7 @@ def auto_preset(stats: dict, device_type: str, time_budget: float | None = None)
             f"Fashion-MNIST 20 of 28 px gave the same k-NN per step as 28 at 0.63 of the cost, on 32-px colour "
             f"shapes 20 px beat 24 by 5 points in 5 minutes); evaluation at the same size",
             "two views, no local crops: at minutes-long budgets the steps they cost are worth more than multi-crop"]
-        if large_on_cpu:
+        if side > 64:  # on a CPU
             reasons.append(f"images larger than 64 px on a CPU: the small-image recipe, its views brought down to "
                            f"{values['global_crop_size']} px (colour shapes in 5 minutes, 96 px: 69.5% k-NN against "
                            "21.0 for a ViT of width 192 at 72 px, which trained 97 steps; 192 px: 69.1 against "
@@ -98,10 +98,10 @@ def auto_preset(stats: dict, device_type: str, time_budget: float | None = None)
         values = {"local_crops_number": 10}
         reasons.append("photo-size images: the paper's recipe (ViT-S/16, 2 x 224 + 10 x 96 crops, K 65536)")
     values["out_dim"] = min(values.get("out_dim", 65536), max(256, 2 ** round(math.log2(max(n, 1) / 6))))
-    if values["out_dim"] < (SMALL["out_dim"] if side <= 64 or large_on_cpu else 65536):
+    if values["out_dim"] < (SMALL["out_dim"] if small_recipe else 65536):
         reasons.append(f"K {values['out_dim']}: about one prototype per 6 images of a small data set")
-    if not time_budget and device_type == "cpu":
-        per_epoch = max(1, n // values.get("batch_size", 64))
+    if not time_budget and device_type == "cpu":  # the small recipe
+        per_epoch = max(1, n // values["batch_size"])
         values["epochs"] = max(1, min(100, CPU_STEPS // per_epoch))
         reasons.append(f"no time budget: {values['epochs']} epochs, about {CPU_STEPS} steps (--time-budget to fit "
                        "a deadline instead)")
