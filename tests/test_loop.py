@@ -246,7 +246,7 @@ def test_the_knn_monitor_leaves_training_as_it_was(small_folder, tmp_path):
 
 FAULTS_ON_REUSE = """
 import os, resource, sys, torch
-from dinokit.train.loop import reuse_freed_host_memory
+from dinokit.device import reuse_freed_host_memory
 if sys.argv[1] == "reuse" and not reuse_freed_host_memory():
     print("unsupported"); sys.exit()
 def faults_for_100mb():

@@ -3,6 +3,8 @@ import argparse
 import importlib
 import sys
 
+from .device import reuse_freed_host_memory
+
 # Modules with `register(subparsers)`, which adds a parser whose `func(args)` runs the command.
 COMMANDS = [
     "dinokit.demo",
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    reuse_freed_host_memory()  # every command: large tensors made and freed over and over (device.py)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

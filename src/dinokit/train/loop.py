@@ -1,6 +1,5 @@
 """The training run: data in, `Trainer.train_step` over and over, and everything a long run needs around it
 (its length, a time budget, metrics, checkpoints, resume, signals, the NaN guard)."""
-import ctypes
 import math
 import os
 import signal
@@ -14,7 +13,7 @@ import yaml
 from tqdm import tqdm
 
 from ..data.loader import any_readable, build_data, run_batches
-from ..device import pick_device
+from ..device import pick_device, reuse_freed_host_memory
 from . import autotune, distributed
 from .checkpoint import keep_copy, load_latest, restore_training_state, save_atomic, save_checkpoint, training_state
 from .config import Config, apply, resolve_decode
@@ -24,27 +23,6 @@ from .knn_monitor import KnnMonitor
 from .monitor import (DINO_PANELS, KNN_PANELS, CollapseWatch, MetricsLog, SkippedFiles, drop_metrics_after,
                       plot_curves, read_metrics)
 from .step import NoClock, Trainer
-
-
-def reuse_freed_host_memory() -> bool:
-    """Have glibc's malloc keep freed memory for the next step instead of handing it back to the kernel.
-
-    A step's largest tensors (K-way logits and their gradients: 100 MB at `bench-cpu`'s sizes) are above
-    glibc's mmap threshold (32 MB at most), so each was new memory from the kernel, zeroed and faulted in page
-    by page, every step: 14-21% of a `bench-cpu` step. With mmap and trimming off, malloc serves them again
-    from its heap. Linux with glibc only (elsewhere nothing changes); returns whether it applied.
-
-    >>> reuse_freed_host_memory()  # doctest: +SKIP
-    True
-    """
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-            return False
-    except (AttributeError, ValueError, OSError):  # not Linux, or not glibc (musl)
-        return False
-    libc = ctypes.CDLL(None)
-    m_trim_threshold, m_mmap_max = -1, -4  # mallopt's parameters, malloc.h
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
 class StopRequested:
