@@ -63,6 +63,17 @@ def test_a_choice_measured_on_a_busy_machine_is_not_cached(cache, monkeypatch):
     assert tuned.precision == "fp32" and "not cached" in why["reason"] and not cache.exists()
 
 
+def test_a_short_time_budget_is_not_spent_measuring_unless_the_choice_is_cached(cache, monkeypatch):
+    monkeypatch.setattr(autotune, "candidates", lambda cfg: [("fp32", 2), ("bf16", 2)])
+    cfg = Config(precision="auto").validate()
+    measure, calls = fake_clock({("fp32", 2): 50, ("bf16", 2): 35})
+    tuned, why = autotune.choose(cfg, CPU, 1, measure, time_budget=20)
+    assert calls == [] and tuned.precision == "fp32" and "not measured" in why["reason"] and not cache.exists()
+    autotune.choose(cfg, CPU, 1, measure, time_budget=600)  # long enough: measured, and cached
+    tuned, why = autotune.choose(cfg, CPU, 1, measure, time_budget=20)
+    assert len(calls) == 4 and tuned.precision == "bf16" and "earlier" in why["reason"]
+
+
 def test_an_explicit_precision_always_wins(cache):
     measure, calls = fake_clock({})
     tuned, why = autotune.choose(Config(precision="bf16", threads=1).validate(), CPU, 1, measure)
@@ -137,3 +148,13 @@ def test_train_without_a_preset_uses_auto_and_says_why(tmp_path, capsys):
     assert written["global_crop_size"] == 20 and written["batch_size"] == 8  # --set still wins
     assert written["early_crops"] == [16, 8] and written["early_crops_share"] == 0.75
     assert written["resolved"]["auto"][0].startswith("data: 24 images")
+
+
+def test_auto_fits_its_batch_to_a_folder_of_a_few_images():
+    """Fewer images than the recipe's batch: a batch they fill (a power of two), said, and the step count said
+    is the run's."""
+    values, reasons = auto_preset({"images": 5, "short_side": 28, "grey": True}, "cpu")
+    assert values["batch_size"] == 4 and any("batch 4: the data holds 5 images" in r for r in reasons)
+    assert reasons[-1].startswith(f"no time budget: {values['epochs']} epochs, about {values['epochs']} steps")
+    assert auto_preset({"images": 30, "short_side": 300, "grey": False}, "cuda")[0]["batch_size"] == 16
+    assert auto_preset({"images": 60000, "short_side": 28, "grey": True}, "cpu")[0]["batch_size"] == 32

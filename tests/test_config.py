@@ -26,6 +26,20 @@ def test_config_refuses_bad_keys_and_values(tmp_path):
     assert cfg.lr == 0.01 and cfg.epochs == 4 and cfg.embed_dim == PRESETS["fmnist-cpu"]["embed_dim"]
 
 
+def test_numbers_as_people_write_them_and_values_that_cannot_train(tmp_path):
+    """1e-3 is a float (YAML 1.1 reads it as a string); NaN, infinities and impossible sizes are refused."""
+    assert resolve(sets=["lr=1e-3", "min_lr=1E-6"]).lr == 1e-3
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 5e-4\nglobal_crops_scale: [4e-1, 1]\n")
+    cfg = resolve(file=str(f))
+    assert cfg.lr == 5e-4 and cfg.global_crops_scale == [0.4, 1.0]
+    for bad, message in (("lr=.nan", "finite"), ("weight_decay=inf", "finite"), ("clip_grad=.inf", "finite"),
+                         ("global_crops_scale=[0.4, .nan]", "finite"), ("drop_path_rate=1.5", "drop_path_rate"),
+                         ("local_crop_size=64", "local_crop_size 64 is larger")):
+        with pytest.raises(ValueError, match=message):
+            resolve(sets=[bad, "global_crop_size=32", "local_crops_number=2"])
+
+
 def test_a_malformed_config_file_is_one_line_naming_file_line_and_column(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("lr: 0.01\nepochs: [3\nbatch_size: 4\n")  # an unclosed list

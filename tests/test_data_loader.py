@@ -169,3 +169,16 @@ def test_decoded_images_are_kept_within_the_budget(tmp_path, monkeypatch):
         assert all(torch.equal(x, y) for x, y in zip(cached[i][2], crops))
     assert len(cached.decoded) == 5 and cached.cache_left == 0
     assert len(decodes) == 12 + 2 * 7  # after the first epoch, only the 7 that did not fit are decoded again
+
+
+def test_a_jpeg_over_pillows_pixel_limit_is_decoded_reduced_and_other_formats_are_refused(tmp_path, monkeypatch):
+    """A phone's 108-megapixel JPEG decodes at a reduced scale (libjpeg's draft) in little memory; a PNG of
+    that size would be decoded whole, so it stays refused. Pillow's limit lowered to keep the files small."""
+    from dinokit.data.decode import BadImage
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 60 x 60 = 3,600: over the limit, under twice it
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 60, 3), dtype=np.uint8))
+    picture.save(tmp_path / "big.jpg", quality=90)
+    picture.save(tmp_path / "big.png")
+    assert decode_image(tmp_path / "big.jpg", max_side=30).shape == (3, 30, 30)  # 1/2 scale
+    with pytest.raises(BadImage, match="too many pixels"):
+        decode_image(tmp_path / "big.png")

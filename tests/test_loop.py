@@ -190,6 +190,39 @@ def test_cli_errors_are_clear(tmp_path):
     r = cli("--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "no image files" in r.stderr
     assert not (tmp_path / "o").exists()
+    r = cli("--data", str(tmp_path), "--out", str(tmp_path / "o"), "--time-budget", "0")
+    assert r.returncode == 2 and "--time-budget must be more than 0" in r.stderr
+
+
+def test_out_never_overwrites_what_a_user_made(small_folder, tmp_path):
+    """--out that is a file, or a folder of someone's files, is refused before anything is read; a finished run
+    is refused without --resume; a run that saved no checkpoint yet starts again with --resume."""
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "dinokit", "train", "--data", str(small_folder), *args,
+                               "--preset", "fmnist-cpu", "--max-steps", "1", "--no-progress",
+                               "--set", "precision=fp32", "--set", "batch_size=8"], capture_output=True, text=True)
+    (tmp_path / "notes.txt").write_text("mine")
+    r = cli("--out", str(tmp_path / "notes.txt"))
+    assert r.returncode == 2 and "is a file, not a folder" in r.stderr and "Traceback" not in r.stderr
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: experiment\n")
+    (mine / "metrics.jsonl").write_text('{"my": "metrics"}\n')
+    r = cli("--out", str(mine))
+    assert r.returncode == 2 and "holds no dinokit run" in r.stderr
+    r = cli("--out", str(mine), "--resume")
+    assert r.returncode == 2 and "holds no dinokit run" in r.stderr
+    assert (mine / "config.yaml").read_text() == "my: experiment\n"
+    assert (mine / "metrics.jsonl").read_text() == '{"my": "metrics"}\n' and len(list(mine.iterdir())) == 2
+    run = tmp_path / "run"
+    assert cli("--out", str(run)).returncode == 0
+    r = cli("--out", str(run))
+    assert r.returncode == 2 and "already holds a run; pass --resume" in r.stderr and "Traceback" not in r.stderr
+    (run / "checkpoint.pt").unlink()  # as if it stopped before its first checkpoint
+    r = cli("--out", str(run))
+    assert r.returncode == 2 and "saved no checkpoint yet; pass --resume" in r.stderr
+    r = cli("--out", str(run), "--resume")
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[-1])["step"] == 1
 
 
 def knn_top1(model, train_src, test_src):

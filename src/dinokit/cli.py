@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError) as e:  # user errors: one clear line, no traceback
-        print(f"dinokit {args.command}: error: {e}", file=sys.stderr)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError) as e:
+        print(f"dinokit {args.command}: error: {e}", file=sys.stderr)  # user errors: one clear line, no traceback
         return 2
+    except FloatingPointError as e:  # a run that diverged: what happened and what to try, no traceback
+        print(f"dinokit {args.command}: error: {e}", file=sys.stderr)
+        return 1

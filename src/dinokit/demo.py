@@ -99,9 +99,12 @@ def attention_figure(weights: str, source, indices: list[int], out: Path) -> Pat
 
 def run(args):
     from .train.config import auto_values, resolve
-    from .train.loop import train
+    from .train.loop import check_run_folder, train
 
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.time_budget <= 0:
+        raise ValueError("--time-budget must be more than 0 seconds")
+    check_run_folder(out, resume=False)  # before anything is read or trained
     preset, notes = args.preset, None
     if preset == "auto":
         base = resolve(None, None, args.sets, data=args.data, validate=False)

@@ -67,9 +67,12 @@ def _decode(path, max_side: int, crops) -> torch.Tensor | Shrunk:
     factor = 1
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # judged below; over 2x, open refuses
             with Image.open(path) as im:
                 width, height = im.size
+                if im.format != "JPEG" and width * height > Image.MAX_IMAGE_PIXELS:
+                    raise BadImage(f"too many pixels: {width} x {height}, more than Pillow's limit of "
+                                   f"{Image.MAX_IMAGE_PIXELS} for a file it must decode whole")
                 if im.format == "JPEG" and crops:
                     factor = shrink_factor(height, width, crops)
                     if factor > 1 and math.ceil(max(width, height) / factor) > max_side:
@@ -85,7 +88,7 @@ def _decode(path, max_side: int, crops) -> torch.Tensor | Shrunk:
         raise BadImage("file not found") from None
     except UnidentifiedImageError:
         raise BadImage("not an image (or a format Pillow cannot read)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise BadImage(f"too many pixels: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"corrupt or truncated: {e}") from None

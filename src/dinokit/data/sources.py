@@ -8,6 +8,7 @@ Labels are for evaluation only: training never reads them.
 import gzip
 import os
 from pathlib import Path
+import warnings
 
 import numpy as np
 import torch
@@ -109,7 +110,8 @@ def image_stats(source, sample: int = 256, seed: int = 0) -> dict:
     sides, grey = [], 0
     for i in rng.permutation(len(source))[:sample].tolist():
         try:
-            with Image.open(source.paths[i]) as im:  # the header only: no decoding
+            with warnings.catch_warnings(), Image.open(source.paths[i]) as im:  # the header only: no decoding
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the decoder judges sizes
                 sides.append(min(im.size))
                 grey += im.mode in ("L", "LA", "I", "I;16", "F", "1")
         except Exception:  # unreadable files are the loader's to report

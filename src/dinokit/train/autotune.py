@@ -101,9 +101,14 @@ def write_cache(machine: str, shape: str, entry: dict):
         pass  # a read-only home: measured again next time, nothing lost
 
 
-def choose(cfg, device: torch.device, world: int, measure, rounds: int = 2) -> tuple[object, dict]:
+SHORT_BUDGET = 120.0  # seconds: a run this short is not spent on measuring its precision
+
+
+def choose(cfg, device: torch.device, world: int, measure, rounds: int = 2,
+           time_budget: float | None = None) -> tuple[object, dict]:
     """The configuration with `precision` (and `threads`) resolved, and what was decided and why.
-    `measure(cfg) -> seconds per step` times real training steps of a configuration."""
+    `measure(cfg) -> seconds per step` times real training steps of a configuration. Under a time budget
+    shorter than SHORT_BUDGET, with nothing cached, it does not measure (that could take the whole budget)."""
     if cfg.precision != "auto":
         threads = cfg.threads or all_cores()
         torch.set_num_threads(threads)
@@ -116,7 +121,11 @@ def choose(cfg, device: torch.device, world: int, measure, rounds: int = 2) -> t
             {"precision": precision, "reason": f"{device.type}: {precision} autocast"}
     machine, shape = machine_id(), shape_key(cfg, world)
     entry = read_cache(machine, shape)
-    if entry is None:
+    if entry is None and time_budget is not None and time_budget < SHORT_BUDGET:
+        entry = {"precision": "fp32", "threads": cfg.threads or all_cores(),
+                 "reason": f"not measured: a time budget under {SHORT_BUDGET:.0f} s has no room for it (fp32 on "
+                           "every core: the fastest on every CPU measured so far)"}
+    elif entry is None:
         load = others_load()  # before we add our own
         timings: dict[str, float] = {}
         for _ in range(rounds):  # interleaved, best of each: a passing load spoils one round, not a candidate

@@ -1,5 +1,6 @@
 """`dinokit train`."""
 import json
+import math
 import os
 import re
 import sys
@@ -10,7 +11,7 @@ from .checkpoint import CheckpointWriteError
 from .config import auto_values, resolve
 from .init import read_init
 from .knn_monitor import KnnMonitor
-from .loop import train
+from .loop import check_run_folder, train
 from .presets import PRESETS
 
 
@@ -89,8 +90,12 @@ def run(args):
         raise ValueError("--nproc must be >= 1")
     if args.init_head and not args.init:
         raise ValueError("--init-head goes with --init WEIGHTS")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise ValueError("--time-budget must be more than 0 seconds")
     if args.data and not args.data.startswith("fashion-mnist:") and not Path(args.data).is_dir():
-        raise FileNotFoundError(f"data folder {args.data} does not exist")  # before anything is loaded
+        what = "is a file, not a folder of images" if Path(args.data).exists() else "does not exist"
+        raise FileNotFoundError(f"data folder {args.data} {what}")  # before anything is loaded
+    check_run_folder(Path(args.out), args.resume)  # before the data is read and the step measured
     preset, reasons = args.preset or (None if args.config else "auto"), None
     if preset == "auto":  # from the data the run will read (a --set or --config data= included)
         base = resolve(None, args.config, args.sets, data=args.data, validate=False)
@@ -112,6 +117,6 @@ def run(args):
         return 1
     finally:
         distributed.destroy()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary))
+    if int(os.environ.get("RANK", "0")) == 0:  # valid JSON: no loss yet (no step trained) is null, not NaN
+        print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}))
     return 0

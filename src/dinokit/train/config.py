@@ -4,6 +4,7 @@ Names follow the paper code's `main_dino.py` arguments where one exists.
 """
 import dataclasses
 import inspect
+import math
 import re
 from dataclasses import dataclass, field, fields
 
@@ -114,6 +115,11 @@ class Config:
             v = getattr(self, k)
             if not (isinstance(v, (list, tuple)) and len(v) == 2 and 0 < v[0] <= v[1] <= 1):
                 errors.append(f"{k} must be [low, high] with 0 < low <= high <= 1 (got {v})")
+        if not self.drop_path_rate < 1:
+            errors.append(f"drop_path_rate must be below 1 (got {self.drop_path_rate}): at 1 no block would run")
+        if self.local_crops_number and self.local_crop_size > self.global_crop_size:
+            errors.append(f"local_crop_size {self.local_crop_size} is larger than global_crop_size "
+                          f"{self.global_crop_size}: local views are the small ones")
         if self.arch == "vit" and self.embed_dim % self.num_heads:
             errors.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.arch in (*VIT_SIZES, "vit"):
@@ -208,10 +214,23 @@ def _coerce(key: str, value):
         if not isinstance(value, bool):
             raise ValueError(f"{key} must be true or false (got {value!r})")
         return value
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string; Python does not
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number (got {value!r})")
     if kind is list and isinstance(value, (list, tuple)):
-        return [float(v) for v in value]
+        try:
+            values = [float(v) for v in value]
+        except (TypeError, ValueError):
+            raise ValueError(f"{key} must be a list of numbers (got {value!r})") from None
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{key} must hold finite numbers (got {value!r})")
+        return values
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:

@@ -138,15 +138,43 @@ def seconds_per_step(run_step, batches, device: torch.device, warmup: int = 2) -
     return (time.perf_counter() - t0) / n
 
 
+def check_run_folder(run_dir: Path, resume: bool):
+    """Refuse an --out that would overwrite what a user made: a file, a run without --resume, or a folder of
+    other files. With --resume, a folder where a run started and saved no checkpoint yet is started again."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"--out {run_dir} is a file, not a folder: choose another --out")
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    if (run_dir / "checkpoint.pt").exists():
+        if not resume:
+            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+        return
+    if not started_run(run_dir):
+        raise FileExistsError(f"{run_dir} is not empty and holds no dinokit run: its files could be overwritten; "
+                              "choose a new or empty --out folder")
+    if not resume:
+        raise FileExistsError(f"{run_dir} holds a run that saved no checkpoint yet; pass --resume to start it again, "
+                              "or choose another --out")
+
+
+def started_run(run_dir: Path) -> bool:
+    """Whether a dinokit run wrote this folder's config.yaml (it carries the run's `resolved` block)."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and isinstance(saved.get("resolved"), dict) and "total_steps" in saved["resolved"]
+
+
 def resume_point(cfg: Config, run_dir: Path, resume: bool, log) -> tuple[Config, dict | None]:
     """The configuration to run and the checkpoint to start from (None: a fresh run). On resume the run's
     saved configuration wins, checked like any other; only where it runs may change."""
+    check_run_folder(run_dir, resume)  # every process stops, not only rank 0
+    distributed.barrier()  # and every process has looked before rank 0 writes anything there
     ckpt = load_latest(run_dir, log) if resume else None
     if resume and ckpt is None:
         log(f"no checkpoint in {run_dir}: starting from scratch")
-    if ckpt is None and (run_dir / "checkpoint.pt").exists():  # every process stops, not only rank 0
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, "
-                              "or choose another --out")
     if ckpt is None:
         return cfg, None
     saved = apply(Config(), ckpt["dinokit"]["config"]).validate()  # checked like any config: no surprises
@@ -195,7 +223,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
     started = time.time()
     measure = lambda c, early=False: measure_step(c, device, per_epoch, source, multicrop, decode,  # noqa: E731
                                                   rank, world, early=early)
-    cfg, tuned = autotune.choose(cfg, device, world, measure)  # precision auto: measured (a resumed run's is set)
+    cfg, tuned = autotune.choose(cfg, device, world, measure, time_budget=time_budget)  # precision auto: measured (a resumed run's is set)
     if tuned["reason"] != "given":
         log(autotune.describe(tuned))
     budget = TimeBudget(time_budget, started, replan=ckpt is None) if time_budget is not None else None
@@ -252,9 +280,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
                dynamic_ncols=True)
 
     def diverged(what: str) -> FloatingPointError:
-        return FloatingPointError(
-            f"{what} at step {trainer.step}: stopping; the last good checkpoint in {run_dir} is left as it "
-            "was. Lower lr, raise warmup_epochs, or use precision=fp32.")
+        kept = (f"the last good checkpoint in {run_dir} is left as it was" if (run_dir / "checkpoint.pt").exists()
+                else "no checkpoint was saved before it")
+        return FloatingPointError(f"{what} at step {trainer.step}: stopping; {kept}. Lower lr, raise warmup_epochs, "
+                                  "or use precision=fp32.")
 
     def checkpoint():
         if not all(bool(torch.isfinite(local(p)).all()) for p in trainer.student.parameters()):

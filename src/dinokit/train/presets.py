@@ -5,6 +5,8 @@ small-scale value is what it is, and the measurements behind `auto`'s rules: doc
 """
 import math
 
+from .config import Config
+
 # The small-image recipe's largest crops, global and local: 5 x 5 and 3 x 3 tokens of 4 px (docs/recipe.md).
 MAX_SMALL_CROPS = (20, 12)
 # The small-image recipe, measured on Fashion-MNIST and checked on other small folders (docs/recipe.md):
@@ -100,9 +102,13 @@ def auto_preset(stats: dict, device_type: str, time_budget: float | None = None)
     values["out_dim"] = min(values.get("out_dim", 65536), max(256, 2 ** round(math.log2(max(n, 1) / 6))))
     if values["out_dim"] < (SMALL["out_dim"] if small_recipe else 65536):
         reasons.append(f"K {values['out_dim']}: about one prototype per 6 images of a small data set")
+    batch = values.get("batch_size", Config.batch_size)  # the default, where the recipe keeps it
+    if n < batch:  # a few images: batches they can fill (a power of two, at least 2 for BatchNorm and centering)
+        values["batch_size"] = 2 ** int(math.log2(max(n, 2)))
+        reasons.append(f"batch {values['batch_size']}: the data holds {n} images, fewer than a batch of {batch}")
     if not time_budget and device_type == "cpu":  # the small recipe
         per_epoch = max(1, n // values["batch_size"])
         values["epochs"] = max(1, min(100, CPU_STEPS // per_epoch))
-        reasons.append(f"no time budget: {values['epochs']} epochs, about {CPU_STEPS} steps (--time-budget to fit "
-                       "a deadline instead)")
+        reasons.append(f"no time budget: {values['epochs']} epochs, about {values['epochs'] * per_epoch} steps "
+                       "(--time-budget to fit a deadline instead)")
     return values, reasons
