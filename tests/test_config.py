@@ -35,7 +35,7 @@ def test_numbers_as_people_write_them_and_values_that_cannot_train(tmp_path):
     assert cfg.lr == 5e-4 and cfg.global_crops_scale == [0.4, 1.0]
     for bad, message in (("lr=.nan", "finite"), ("weight_decay=inf", "finite"), ("clip_grad=.inf", "finite"),
                          ("global_crops_scale=[0.4, .nan]", "finite"), ("drop_path_rate=1.5", "drop_path_rate"),
-                         ("local_crop_size=64", "local_crop_size 64 is larger")):
+                         ("local_crop_size=64", "local_crop_size 64 is larger"), ("seed=-1", "seed must be >= 0")):
         with pytest.raises(ValueError, match=message):
             resolve(sets=[bad, "global_crop_size=32", "local_crops_number=2"])
 

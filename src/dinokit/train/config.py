@@ -103,7 +103,7 @@ class Config:
         errors += [f"{k} must be > 0 (got {getattr(self, k)})" for k in positive if getattr(self, k) <= 0]
         nonneg = ["local_crops_number", "num_workers", "drop_path_rate", "warmup_epochs", "freeze_last_layer",
                   "warmup_teacher_temp_epochs", "lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad",
-                  "keep_every_epochs", "koleo_weight", "patch_loss_weight", "threads"]
+                  "keep_every_epochs", "koleo_weight", "patch_loss_weight", "threads", "seed"]
         errors += [f"{k} must be >= 0 (got {getattr(self, k)})" for k in nonneg if getattr(self, k) < 0]
         for k in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
             if not 0 < getattr(self, k) <= 10:
