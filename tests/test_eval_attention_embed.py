@@ -1,4 +1,8 @@
 """`dinokit attention` and `dinokit embed` end to end on tiny ViTs, against values computed here."""
+import os
+import stat
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +10,7 @@ from matplotlib import colormaps
 from PIL import Image
 from safetensors import safe_open
 
-from dinokit.eval.attention import mass_mask
+from dinokit.eval.attention import MAX_PATCHES, mass_mask, resized_size
 from test_eval_common import _cache_in_tmp, normalised, run_cli, save_vit, tiny_vit, write_images  # noqa: F401
 
 
@@ -115,3 +119,94 @@ def test_embed_rejects_unknown_extension(tmp_path, capsys):
     code, _, err = run_cli(["embed", "--weights", "pixels", "--data", str(tmp_path / "d"),
                             "--out", str(tmp_path / "f.csv")], capsys)
     assert code == 2 and ".safetensors or .npy" in err
+
+
+def test_attention_out_is_a_file(tmp_path, capsys):
+    write_images(tmp_path, {"a.png": np.zeros((16, 16, 3), np.uint8)})
+    (tmp_path / "maps").write_text("user file")
+    weights = save_vit(tiny_vit(), tmp_path / "vit.safetensors")
+    code, _, err = run_cli(["attention", "--weights", str(weights), str(tmp_path / "a.png"),
+                            "--out", str(tmp_path / "maps")], capsys)
+    assert code == 2 and "is a file" in err and (tmp_path / "maps").read_text() == "user file"
+
+
+def test_attention_caps_the_longer_side(tmp_path, capsys):
+    assert resized_size(20, 600, 480) == (64, 1920)  # shorter side 480 would make it 480 x 14400
+    assert resized_size(60, 90, 40) == (40, 60)
+    write_images(tmp_path, {"strip.png": np.full((20, 600, 3), 100, np.uint8),
+                            "line.png": np.full((1, 500, 3), 100, np.uint8)})
+    weights = save_vit(tiny_vit(), tmp_path / "vit.safetensors")
+    code, result, err = run_cli(["attention", "--weights", str(weights), str(tmp_path / "strip.png"),
+                                 str(tmp_path / "line.png"), "--out", str(tmp_path / "maps"), "--json"], capsys)
+    assert code == 0, err
+    assert [r["size"] for r in result["images"]] == [[64, 1920]]
+    assert result["skipped"] == [{"image": str(tmp_path / "line.png"),
+                                  "reason": "smaller than one 8x8 patch (1920x4 px once resized)"}]
+
+
+def test_attention_skips_images_of_too_many_patches(tmp_path, capsys):
+    write_images(tmp_path, {"big.png": np.zeros((8 * 127, 8 * 130, 3), np.uint8),  # 127 rows of 130 patches
+                            "small.png": np.zeros((16, 16, 3), np.uint8)})
+    weights = save_vit(tiny_vit(), tmp_path / "vit.safetensors")
+    code, result, err = run_cli(["attention", "--weights", str(weights), str(tmp_path / "big.png"),
+                                 str(tmp_path / "small.png"), "--out", str(tmp_path / "maps"), "--image-size", "0",
+                                 "--json"], capsys)
+    assert code == 0, err
+    assert 130 * 127 > MAX_PATCHES and len(result["images"]) == 1
+    (skip,) = result["skipped"]
+    assert skip["image"] == str(tmp_path / "big.png") and skip["reason"].startswith("130x127 patches (1040x1016 px)")
+    assert f"skipped {tmp_path / 'big.png'}: 130x127 patches" in err
+
+
+def test_attention_folders_never_collide_nor_overwrite(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    images = {rel: rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+              for rel in ("col/a/x.png", "col/b/x.png", "col/x-2.png", "new/x.png")}
+    write_images(tmp_path, images)
+    weights = save_vit(tiny_vit(), tmp_path / "vit.safetensors")
+
+    def attention(*rels, force=False):
+        argv = ["attention", "--weights", str(weights), *(str(tmp_path / r) for r in rels),
+                "--out", str(tmp_path / "maps"), "--image-size", "0", "--json"] + (["--force"] if force else [])
+        code, result, err = run_cli(argv, capsys)
+        assert code == 0, err
+        return [Path(r["files"][0]).parent.name for r in result["images"]]
+
+    def shown(name):  # the input image, as the folder's image.png holds it
+        return np.asarray(Image.open(tmp_path / "maps" / name / "image.png"))
+
+    assert attention("col/a/x.png", "col/b/x.png", "col/x-2.png") == ["x", "x-2", "x-2-2"]
+    for name, rel in (("x", "col/a/x.png"), ("x-2", "col/b/x.png"), ("x-2-2", "col/x-2.png")):
+        np.testing.assert_array_equal(shown(name), images[rel])
+    assert attention("new/x.png") == ["x-3"]  # the earlier run's folders stay as they were
+    np.testing.assert_array_equal(shown("x"), images["col/a/x.png"])
+    assert attention("new/x.png", "col/a/x.png", force=True) == ["x", "x-2"]
+    np.testing.assert_array_equal(shown("x"), images["new/x.png"])
+
+
+def test_embed_refuses_existing_outputs_unless_forced(tmp_path, capsys):
+    write_images(tmp_path, {"d/a.png": np.zeros((8, 8, 3), np.uint8), "d/b.png": np.ones((8, 8, 3), np.uint8)})
+    weights = save_vit(tiny_vit(), tmp_path / "vit.safetensors")
+    base = ["embed", "--weights", str(weights), "--data", str(tmp_path / "d"), "--quiet"]
+    (tmp_path / "f.txt").write_text("user notes")  # the list embed would write beside f.safetensors
+    code, _, err = run_cli(base + ["--out", str(tmp_path / "f.safetensors")], capsys)
+    assert code == 2 and "f.txt exists: pass --force" in err
+    assert (tmp_path / "f.txt").read_text() == "user notes" and not (tmp_path / "f.safetensors").exists()
+    (tmp_path / "g.npy").write_text("user array")
+    code, _, err = run_cli(base + ["--out", str(tmp_path / "g.npy")], capsys)
+    assert code == 2 and (tmp_path / "g.npy").read_text() == "user array" and not (tmp_path / "g.txt").exists()
+
+    old = os.umask(0o022)
+    try:
+        code, _, err = run_cli(base + ["--out", str(tmp_path / "f.safetensors"), "--force"], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert (tmp_path / "f.txt").read_text().split() == [str(tmp_path / "d" / n) for n in ("a.png", "b.png")]
+    assert stat.S_IMODE((tmp_path / "f.safetensors").stat().st_mode) == 0o644  # as the .txt and .npy files
+    code, _, err = run_cli(base + ["--out", str(tmp_path / "g.npy"), "--force"], capsys)
+    assert code == 0 and np.load(tmp_path / "g.npy").shape == (2, 48)
+
+    before = weights.read_bytes()
+    code, _, err = run_cli(base + ["--out", str(weights), "--force"], capsys)
+    assert code == 2 and "would overwrite the --weights" in err and weights.read_bytes() == before

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from dinokit import cli
 from dinokit.data.sources import open_source
 from dinokit.eval import common
-from dinokit.eval.features import MEAN, STD, cls_features
+from dinokit.eval.features import MEAN, STD, cls_features, extract_features
+from dinokit.models.convnets import convnet
 from dinokit.models.vit import VisionTransformer
 
 
@@ -135,3 +136,27 @@ def test_small_images_are_evaluated_at_the_models_training_resolution(tmp_path):
                                      partial(common.eval_transform, normalize=True))
     assert not torch.allclose(a, b)
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+
+
+def test_images_smaller_than_a_patch_are_skipped_not_fatal(tmp_path):
+    """A patchify (the paper's ViT stem) needs one whole patch: smaller images are skipped with a reason, like
+    unreadable files. Conv stems and ResNets pad, so they take every size."""
+    rng = np.random.default_rng(0)
+    sizes = {"ok.png": (32, 32), "patch.png": (8, 8), "one.png": (1, 1), "two.png": (2, 2), "line.png": (1, 500),
+             "strip.png": (7, 50), "odd.png": (21, 21)}
+    source = open_source(str(write_images(tmp_path / "d", {n: rng.integers(0, 256, (*s, 3), dtype=np.uint8)
+                                                           for n, s in sizes.items()})))
+    names = [Path(p).name for p in source.paths]
+    vit = tiny_vit()  # patch 8
+    feats, kept, skipped = extract_features(vit, source, 4, transform=common.transform_for(vit), progress=False)
+    assert sorted(names[i] for i in kept) == ["odd.png", "ok.png", "patch.png"]
+    assert {names[i]: reason for i, reason in skipped} == {
+        "one.png": "smaller than one 8x8 patch (1x1 px)", "two.png": "smaller than one 8x8 patch (2x2 px)",
+        "line.png": "smaller than one 8x8 patch (500x1 px)", "strip.png": "smaller than one 8x8 patch (50x7 px)"}
+    x = common.transform_for(vit)(source.read(names.index("ok.png")))
+    torch.testing.assert_close(feats[kept.index(names.index("ok.png"))], vit(x[None])[0])
+
+    for model in (tiny_vit(stem="conv"), tiny_vit(stem="conv-full", patch_size=4), convnet("resnet18").eval()):
+        feats, kept, skipped = extract_features(model, source, 4, transform=common.transform_for(model),
+                                                progress=False)
+        assert skipped == [] and sorted(kept) == list(range(len(sizes))) and feats.isfinite().all()

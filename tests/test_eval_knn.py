@@ -1,4 +1,5 @@
 """`dinokit knn`: the vote on hand-made cases, the command end to end, and the pixel baseline on Fashion-MNIST."""
+import json
 import math
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dinokit import cli
 from dinokit.eval.knn import knn_classify, knn_evaluate
 from test_eval_common import _cache_in_tmp, normalised, run_cli, save_vit, tiny_vit, write_images  # noqa: F401
 
@@ -110,3 +112,38 @@ def test_pixels_on_fashion_mnist(capsys):
     assert code == 0, err
     assert result["n_train"] == 60000 and result["n_test"] == 10000
     assert result["results"]["20"]["top1"] == pytest.approx(84.6, abs=0.3)
+
+
+def test_command_on_odd_and_tiny_image_sizes(tmp_path, capsys):
+    """A conv-stem ViT takes every size (ceil(side / patch) tokens a side); a patch-stem one skips, with the
+    reason on stderr and in the counts, the images smaller than one patch, and evaluates the rest."""
+    rng = np.random.default_rng(0)
+    sizes = [(1, 1), (3, 3), (7, 50), (21, 21), (22, 22), (10, 300), (1, 500), (32, 32)]  # (width, height)
+    images = {f"{c}/{w}x{h}.png": rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for c in "ab" for w, h in sizes}
+    data = write_images(tmp_path / "data", images)
+    argv = ["knn", "--train", str(data), "--test", str(data), "--k", "1", "--device", "cpu", "--json"]
+    conv = save_vit(tiny_vit(stem="conv-full", patch_size=4, img_size=20), tmp_path / "conv.safetensors")
+    code, result, err = run_cli(argv + ["--weights", str(conv)], capsys)
+    assert code == 0, err
+    assert result["n_train"] == result["n_test"] == 16 and result["skipped"] == {"train": 0, "test": 0}
+
+    patch = save_vit(tiny_vit(), tmp_path / "patch.safetensors")  # patch 8
+    code, result, err = run_cli(argv + ["--weights", str(patch)], capsys)
+    assert code == 0, err
+    assert result["n_train"] == result["n_test"] == 8 and result["skipped"] == {"train": 8, "test": 8}
+    assert result["results"]["1"]["top1"] == 100.0  # each test image finds itself
+    for name in ("1x1", "3x3", "7x50", "1x500"):
+        assert f"{name}.png: smaller than one 8x8 patch ({name} px)" in err
+
+
+def test_k_beyond_the_training_set_is_noted(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    write_images(tmp_path / "train", {f"{c}/{i}.png": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                                      for c in "ab" for i in range(3)})
+    assert cli.main(["knn", "--weights", "pixels", "--train", str(tmp_path / "train"), "--test",
+                     str(tmp_path / "train"), "--k", "2", "200", "--json", "--quiet"]) == 0
+    *lines, last = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("2-NN") and "capped" not in lines[0]
+    assert lines[1].startswith("200-NN") and lines[1].endswith("(k capped at 6: only 6 training images)")
+    results = json.loads(last)["results"]
+    assert results["2"]["k_used"] == 2 and results["200"]["k_used"] == 6

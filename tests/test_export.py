@@ -1,5 +1,8 @@
 """`dinokit export`: every format reloads (load_backbone, timm, transformers, onnxruntime) to the same features."""
 import json
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +170,78 @@ def test_conv_stem_vit_reloads_from_safetensors_and_tensors_alone(tmp_path, stem
     for fmt in ("official", "timm", "hf"):  # their ViTs have one patch projection
         with pytest.raises(ValueError, match="convolutional stem"):
             export_backbone(model, fmt, tmp_path / f"x.{fmt}")
+
+
+def test_cli_refuses_existing_outputs_unless_forced(tmp_path, capsys):
+    export_backbone(tiny_vit(), "official", tmp_path / "vit.pth")
+    base = ["export", "--weights", str(tmp_path / "vit.pth"), "--num-heads", "3"]
+    mine = tmp_path / "mine.safetensors"
+    mine.write_text("user data")
+    assert main(base + ["--format", "safetensors", "--out", str(mine)]) == 2
+    assert "exists: pass --force" in capsys.readouterr().err and mine.read_text() == "user data"
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("my config")
+    assert main(base + ["--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert (tmp_path / "hf" / "config.json").read_text() == "my config"
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+    assert main(base + ["--format", "safetensors", "--out", str(mine), "--force"]) == 0
+    assert_same_features(tiny_vit(), load_backbone(mine), VIT_SHAPES)
+    assert main(base + ["--format", "hf", "--out", str(tmp_path / "hf"), "--force"]) == 0
+    assert_same_features(tiny_vit(), load_backbone(tmp_path / "hf"), VIT_SHAPES)
+
+
+def test_cli_never_exports_onto_the_weights_it_reads(tmp_path, capsys):
+    ckpt = tmp_path / "ck.pt"
+    torch.save({"teacher": MultiCropWrapper(tiny_vit(), DINOHead(48, 16, hidden_dim=8, bottleneck_dim=4))
+                .state_dict(), "epoch": 3}, ckpt)
+    before = ckpt.read_bytes()
+    (tmp_path / "symlink.pt").symlink_to(ckpt)
+    os.link(ckpt, tmp_path / "hardlink.pt")
+    for out in (ckpt, os.path.relpath(ckpt), tmp_path / "symlink.pt", tmp_path / "hardlink.pt"):
+        assert main(["export", "--weights", str(ckpt), "--num-heads", "3", "--format", "official",
+                     "--out", str(out), "--force"]) == 2
+        assert "would overwrite the --weights" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before
+    export_backbone(tiny_vit(), "hf", tmp_path / "hf")  # a folder of weights, exported onto itself
+    config = (tmp_path / "hf" / "config.json").read_text()
+    assert main(["export", "--weights", str(tmp_path / "hf"), "--format", "hf", "--out", str(tmp_path / "hf"),
+                 "--force"]) == 2
+    assert (tmp_path / "hf" / "config.json").read_text() == config
+
+
+@pytest.mark.parametrize("fmt,name", [("safetensors", "vit.safetensors"), ("official", "vit.pth"),
+                                      ("timm", "timm.safetensors"), ("hf", "hf")])
+def test_exported_files_follow_the_umask(tmp_path, fmt, name):
+    old = os.umask(0o022)
+    try:
+        export_backbone(tiny_vit(), fmt, tmp_path / name)
+    finally:
+        os.umask(old)
+    for f in ([tmp_path / name] if fmt != "hf" else list((tmp_path / name).iterdir())):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+def test_a_failed_export_leaves_the_old_file(tmp_path, monkeypatch):
+    out = tmp_path / "vit.pth"
+    out.write_bytes(b"the previous export")
+
+    def fails_midway(obj, f):
+        Path(f).write_bytes(b"half a file")
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(torch, "save", fails_midway)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_backbone(tiny_vit(), "official", out)
+    assert out.read_bytes() == b"the previous export" and os.listdir(tmp_path) == ["vit.pth"]
+
+
+def test_official_export_warns_when_the_head_count_will_not_read_back(tmp_path, capsys):
+    """Width 48 with 3 heads: the official layout cannot say 3, and a reader infers 1 from the width."""
+    model = tiny_vit(1)
+    export_backbone(model, "safetensors", tmp_path / "w.safetensors")
+    for fmt, name in (("official", "b.pth"), ("safetensors", "c.safetensors")):
+        assert main(["export", "--weights", str(tmp_path / "w.safetensors"), "--format", fmt,
+                     "--out", str(tmp_path / name)]) == 0
+        err = capsys.readouterr().err
+        assert ("does not record the head count: this ViT has 3 heads" in err) == (fmt == "official")
+    assert load_backbone(tmp_path / "b.pth", num_heads=3).blocks[0].attn.num_heads == 3

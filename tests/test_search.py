@@ -1,6 +1,8 @@
 """`dinokit index` / `dinokit search` on a folder where the true nearest neighbours are known: edited copies."""
 import io
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -113,3 +115,22 @@ def test_unreadable_index(tmp_path):
     (tmp_path / "index.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a dinokit index"):
         load_index(tmp_path / "index.safetensors")
+
+
+def test_index_refuses_existing_output_unless_forced(gallery, tmp_path, capsys):
+    weights = gallery / "vit.safetensors"
+    base = ["index", "--weights", str(weights), "--data", str(gallery / "folder")]
+    mine = tmp_path / "mine.safetensors"
+    mine.write_text("user data")
+    assert main(base + ["--out", str(mine)]) == 2
+    assert "exists: pass --force" in capsys.readouterr().err and mine.read_text() == "user data"
+    old = os.umask(0o022)
+    try:
+        assert main(base + ["--out", str(mine), "--force"]) == 0
+    finally:
+        os.umask(old)
+    assert len(load_index(mine)[1]) == 2 * ORIGINALS + DISTRACTORS
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o644
+    before = weights.read_bytes()
+    assert main(base + ["--out", str(weights), "--force"]) == 2
+    assert "would overwrite the --weights" in capsys.readouterr().err and weights.read_bytes() == before

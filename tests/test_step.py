@@ -125,6 +125,14 @@ def test_patch_term_with_batchnorm_in_the_head():
         torch.testing.assert_close(patches, trainer.teacher.head(tokens.flatten(0, 1)).view(4, 16, -1))
 
 
+def test_patch_term_with_a_conv_stem_on_crops_not_a_multiple_of_the_patch():
+    """A conv stem makes ceil(side / patch) tokens a side: 18-px crops at patch 4 are 5 x 5, and the masks
+    must be drawn on that grid (they were drawn on 4 x 4 and stopped the run)."""
+    trainer, losses = run_steps(tiny_config(stem="conv", patch_loss_weight=1.0, global_crop_size=18), 2)
+    assert trainer.step == 2 and all(torch.isfinite(torch.as_tensor(loss)) for loss in losses)
+    assert trainer.patch_masks(torch.zeros(4, 3, 18, 18)).shape == (8, 25)
+
+
 @pytest.mark.parametrize("mode", ["student", "previous_epoch"])
 def test_teacher_ablations_copy_the_student(mode):
     """Table 10's teachers: a copy of the student after every step, or after every epoch (4 steps here)."""

@@ -1,7 +1,11 @@
 """The ViT's [CLS] path: `forward` runs the last block for [CLS] alone, and must give what the full token
-path gives, values and gradients, with stochastic depth drawing the same samples."""
+path gives, values and gradients, with stochastic depth drawing the same samples. Position embeddings: the
+paper's resize for the patch stem, any image size for the conv stems."""
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dinokit.models.vit import VisionTransformer
 
@@ -60,3 +64,59 @@ def test_conv_stem_layouts():
                                    "stem.2.weight": (96, 48, 3, 3), "proj.weight": (96, 96, 1, 1)}
     with pytest.raises(ValueError, match="stem must be"):
         VisionTransformer(img_size=20, patch_size=4, embed_dim=96, depth=1, num_heads=4, stem="conv2")
+
+
+def reference_interpolate_pos_encoding(self, x, w, h):
+    """facebookresearch/dino vision_transformer.py, verbatim but for `self.patch_embed.patch_size` (its
+    PatchEmbed's attribute) and `nn.functional` (F); called as it calls it, with (height, width) as (w, h)."""
+    npatch = x.shape[1] - 1
+    N = self.pos_embed.shape[1] - 1
+    if npatch == N and w == h:
+        return self.pos_embed
+    class_pos_embed = self.pos_embed[:, 0]
+    patch_pos_embed = self.pos_embed[:, 1:]
+    dim = x.shape[-1]
+    w0 = w // self.patch_embed.patch_size
+    h0 = h // self.patch_embed.patch_size
+    w0, h0 = w0 + 0.1, h0 + 0.1
+    patch_pos_embed = F.interpolate(
+        patch_pos_embed.reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)),
+        mode='bicubic',
+    )
+    assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
+@pytest.mark.parametrize("h, w", [(32, 32), (33, 32), (32, 39), (40, 24), (8, 8), (15, 100), (64, 64)])
+def test_patch_stem_positions_are_the_papers(h, w):
+    """Non-multiples of the patch included, and the native grid of a non-square image, which the paper's
+    code still resizes (by its +0.1 scale factor: not the identity)."""
+    model = random_vit(img_size=32, patch_size=8, embed_dim=36, depth=1, num_heads=3).double()
+    x = torch.randn(2, 3, h, w, dtype=torch.float64)
+    tokens = torch.cat((model.cls_token.expand(2, -1, -1), model.patch_embed(x)), dim=1)
+    assert tokens.shape[1] == 1 + math.prod(model.grid(h, w)) == 1 + (h // 8) * (w // 8)
+    expected = reference_interpolate_pos_encoding(model, tokens, h, w).expand(2, -1, -1)
+    torch.testing.assert_close(model.prepare_tokens(x) - tokens, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("stem", ["conv", "conv-full"])
+def test_conv_stem_takes_any_image_size(stem):
+    """A conv stem pads: ceil(side / patch) tokens a side. The position embeddings are resized to that
+    grid (the paper's resize, for the image padded to whole patches), so no size crashes."""
+    model = random_vit(img_size=20, patch_size=4, embed_dim=32, depth=2, num_heads=2, stem=stem).eval()
+    for h, w in [(1, 1), (3, 3), (7, 50), (21, 21), (22, 22), (10, 300), (17, 20), (16, 16), (20, 20)]:
+        x = torch.randn(2, 3, h, w)
+        gh, gw = math.ceil(h / 4), math.ceil(w / 4)
+        assert model.grid(h, w) == (gh, gw)
+        tokens = torch.cat((model.cls_token.expand(2, -1, -1), model.patch_embed(x)), dim=1)
+        assert tokens.shape == (2, 1 + gh * gw, 32), (h, w)  # the grid the stem makes
+        expected = reference_interpolate_pos_encoding(model, tokens, gh * 4, gw * 4)  # the padded image's
+        torch.testing.assert_close(model.prepare_tokens(x) - tokens, expected.expand(2, -1, -1))
+        assert model(x).shape == (2, 32)
+        assert model.get_last_selfattention(x).shape == (2, 2, 1 + gh * gw, 1 + gh * gw)
+        assert [t.shape for t in model.get_intermediate_layers(x, 2)] == [(2, 1 + gh * gw, 32)] * 2
+    for side in (17, 18, 19, 20):  # the native 5 x 5 grid: the stored embeddings, unresized
+        x = torch.randn(1, 3, side, side)
+        torch.testing.assert_close(model.prepare_tokens(x)[:, 1:] - model.patch_embed(x), model.pos_embed[:, 1:])

@@ -4,9 +4,11 @@ import hashlib
 import json
 import os
 import sys
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
@@ -141,6 +143,56 @@ def cached_features(model: nn.Module, source, args, kind: str, feature_fn, trans
 
 
 # ---- output ---------------------------------------------------------------------------------------
+
+def check_folder(folder: str | Path):
+    """A clear error, before any work, when `folder` or the nearest of its parents that exists is a file."""
+    for p in (Path(folder), *Path(folder).parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{p} is a file, not a folder")
+            return
+
+
+def check_outputs(outputs, force: bool, weights: str | None = None):
+    """Refuse, before any work, to write over a file that exists (unless `force`), or over the weights being
+    read (even with `force`: they are the input)."""
+    for out in map(Path, outputs):
+        check_folder(out.parent)
+        if weights not in (None, PIXELS) and is_part_of(out, Path(weights)):
+            raise ValueError(f"writing {out} would overwrite the --weights being read ({weights})")
+        if out.is_dir():
+            raise ValueError(f"{out} is a folder: name a file")
+        if os.path.lexists(out) and not force:
+            raise ValueError(f"{out} exists: pass --force to overwrite it")
+
+
+def is_part_of(out: Path, weights: Path) -> bool:
+    """Whether writing `out` would change the weights: the same file (links included) or one in their folder."""
+    if not weights.exists():
+        return False
+    if out.exists() and os.path.samefile(out, weights):
+        return True
+    return weights.is_dir() and weights.resolve() in out.resolve().parents
+
+
+@contextmanager
+def atomic_write(path: str | Path):
+    """A temporary path beside `path` to write to; it replaces `path` only once written in full, so that a
+    failure midway leaves what was there before, not half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # same suffix: np.save keeps it
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None):
+    """`safetensors.torch.save_file`, written atomically and with the umask's file mode (save_file's are 0600)."""
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(safetensors.torch.save(tensors, metadata))
+
 
 def log(args, message: str):
     """Progress and notes go to stderr, so that stdout holds results only."""

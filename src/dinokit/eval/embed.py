@@ -4,10 +4,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from ..data.sources import open_source
-from .common import PIXELS, add_common_args, cached_features, load_model, log, report, require_vit, transform_for
+from .common import (PIXELS, add_common_args, atomic_write, cached_features, check_outputs, load_model, log, report,
+                     require_vit, save_safetensors, transform_for)
 from .features import cls_features, gem_features, patch_tokens
 
 KINDS = ("cls", "patch", "gem")
@@ -22,6 +22,7 @@ def register(sub):
                    help="cls: final [CLS]; patch: all patch tokens (N, patches, D); gem: GeM-pooled patch tokens")
     p.add_argument("--gem-p", type=float, default=4.0, help="GeM exponent (--kind gem)")
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--force", action="store_true", help="overwrite --out and its FILE.txt when they exist")
     p.set_defaults(func=run)
 
 
@@ -33,6 +34,8 @@ def run(args):
     out = Path(args.out)
     if out.suffix not in (".safetensors", ".npy"):
         raise ValueError(f"--out {out}: use a .safetensors or .npy file name")
+    list_file = out.with_suffix(".txt")
+    check_outputs([out, list_file], args.force, args.weights)
     source = open_source(args.data)
     model = load_model(args.weights, args.which)
     if args.kind != "cls":
@@ -45,12 +48,13 @@ def run(args):
     meta = {"weights": args.weights, "which": args.which if args.weights != PIXELS else "", "source": source.name,
             "kind": kind}
     if out.suffix == ".safetensors":
-        save_file({"features": feats.contiguous(), "index": torch.tensor(kept, dtype=torch.int64)}, str(out),
-                  metadata={k: str(v) for k, v in meta.items()} | {"paths": json.dumps(paths)})
+        save_safetensors({"features": feats.contiguous(), "index": torch.tensor(kept, dtype=torch.int64)}, out,
+                         metadata={k: str(v) for k, v in meta.items()} | {"paths": json.dumps(paths)})
     else:
-        np.save(out, feats.numpy())
-    list_file = out.with_suffix(".txt")
-    list_file.write_text("".join(p + "\n" for p in paths))
+        with atomic_write(out) as tmp:
+            np.save(tmp, feats.numpy())
+    with atomic_write(list_file) as tmp:
+        tmp.write_text("".join(p + "\n" for p in paths))
     log(args, f"{len(kept)} images embedded, {len(skipped)} skipped")
     report(args, {"command": "embed", **meta, "out": str(out), "files": str(list_file), "shape": list(feats.shape),
                   "skipped": len(skipped)},

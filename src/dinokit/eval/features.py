@@ -8,6 +8,7 @@ from tqdm import tqdm
 from ..data.decode import BadImage
 from ..data.normalize import MEAN, STD  # noqa: F401 (MEAN, STD: imported from here by other eval modules)
 from ..data.normalize import normalize as imagenet_normalize
+from ..models.vit import PatchEmbed
 
 
 def eval_transform(img: torch.Tensor, resize: int = 256, crop: int = 224, normalize: bool = True,
@@ -58,19 +59,29 @@ def cls_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
 
+def smallest_side(model: nn.Module) -> int:
+    """The shortest image side `model` takes: a patchify (the paper's ViT stem) needs one whole patch. Conv
+    stems and torchvision's ResNets pad (1 x 1 works); the pixel baseline takes anything."""
+    return max((m.patch_size for m in model.modules() if isinstance(m, PatchEmbed)), default=1)
+
+
 @torch.no_grad()
 def extract_features(model: nn.Module, source, batch_size: int = 256, device: str | torch.device = "cpu",
                      feature_fn=cls_features, transform=eval_transform, num_workers: int = 0,
                      progress: bool = True) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
     """Features of every readable image: (N_ok, D) float32, the indices they belong to, and the skipped
-    (index, reason) pairs. `feature_fn(model, batch)` picks what to take (default: [CLS])."""
+    (index, reason) pairs: unreadable images, and those smaller than the model takes. `feature_fn(model,
+    batch)` picks what to take (default: [CLS])."""
     model = model.to(device).eval()
     loader = DataLoader(_EvalImages(source, transform), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate)
     feats, kept, skipped = [], [], []
+    smallest = smallest_side(model)
     for items in tqdm(loader, desc="features", unit="batch", disable=not progress, leave=False):
         groups: dict[tuple, list] = {}
         for i, x, reason in items:
+            if x is not None and min(x.shape[-2:]) < smallest:  # skipped like an unreadable file, not fatal
+                x, reason = None, f"smaller than one {smallest}x{smallest} patch ({x.shape[-1]}x{x.shape[-2]} px)"
             if x is None:
                 skipped.append((i, reason))
             else:

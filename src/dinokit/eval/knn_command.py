@@ -60,10 +60,13 @@ def run(args):
                            args.k, args.temperature, num_classes=max(len(train.classes), int(train_y.max()) + 1))
     log(args, f"k-NN of {len(test_f)} queries against {len(train_f)} features ({train_f.shape[1]}-d): "
               f"{time.perf_counter() - start:.2f} s")
+    used = {k: min(k, len(train_f)) for k in results}  # k beyond the training set: every image votes
     out = {"command": "knn", "weights": args.weights, "train": train.name, "test": test.name,
            "n_train": len(train_f), "n_test": len(test_f), "skipped": {"train": train_skip, "test": test_skip},
            "temperature": args.temperature,
-           "results": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in results.items()}}
-    lines = [f"{k}-NN (T={args.temperature}): top-1 {t1:.2f}%  top-5 {t5:.2f}%" for k, (t1, t5) in results.items()]
+           "results": {str(k): {"top1": t1, "top5": t5, "k_used": used[k]} for k, (t1, t5) in results.items()}}
+    lines = [f"{k}-NN (T={args.temperature}): top-1 {t1:.2f}%  top-5 {t5:.2f}%"
+             + (f"  (k capped at {used[k]}: only {len(train_f)} training images)" if used[k] < k else "")
+             for k, (t1, t5) in results.items()]
     report(args, out, lines)
     return 0

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..data.decode import decode_image
 from ..data.sources import open_source
 from ..models.weights import load_backbone
-from .common import transform_for
+from .common import check_outputs, save_safetensors, transform_for
 from .features import extract_features
 
 FAISS_MIN_SIZE = 100_000  # below this, one matrix product in torch is as fast as faiss
@@ -43,9 +43,8 @@ def embed(model, source, batch_size: int = 64, device: str = "cpu", progress: bo
 
 
 def save_index(path: str | Path, features: torch.Tensor, paths: list[str], weights: dict):
-    from safetensors.torch import save_file
-    save_file({"features": features.contiguous()}, str(path),
-              metadata={"paths": json.dumps(paths), "weights": json.dumps(weights)})
+    save_safetensors({"features": features.contiguous()}, path,
+                     metadata={"paths": json.dumps(paths), "weights": json.dumps(weights)})
 
 
 def load_index(path: str | Path) -> tuple[torch.Tensor, list[str], dict]:
@@ -108,6 +107,7 @@ def register(sub):
     p.add_argument("--num-heads", type=int, help="ViT heads, where the weights cannot tell (non-standard width)")
     p.add_argument("--data", required=True, help="a folder of images (searched recursively) or a named source")
     p.add_argument("--out", required=True, help="the index file to write (.safetensors)")
+    p.add_argument("--force", action="store_true", help="overwrite --out when it exists")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run_index)
@@ -125,9 +125,11 @@ def register(sub):
 
 
 def run_index(args):
+    check_outputs([args.out], args.force, args.weights)
     model = load_backbone(args.weights, which=args.which, num_heads=args.num_heads)
     features, paths, skipped = embed(model, open_source(args.data), args.batch_size, args.device, progress=True)
     weights = {"path": str(Path(args.weights).resolve()), "which": args.which, "num_heads": args.num_heads}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_index(args.out, features, paths, weights)
     print(f"indexed {len(paths)} images of {args.data} into {args.out} ({features.shape[1]}-d features)")
     for path, reason in skipped:

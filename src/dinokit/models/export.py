@@ -9,17 +9,19 @@
 - `onnx`: the backbone's forward ([CLS] features for a ViT, pooled features for a ResNet), with dynamic batch
   and image size.
 
-Every export reloads through `load_backbone` (ONNX through onnxruntime) to the same features.
+Every export reloads through `load_backbone` (ONNX through onnxruntime) to the same features. Files are
+written in full under a temporary name before they replace anything.
 """
 import json
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
+from ..eval.common import atomic_write, check_outputs, save_safetensors
 from .vit import VisionTransformer
-from .weights import backbone_arch, load_backbone, reference_to_hf
+from .weights import backbone_arch, load_backbone, reference_to_hf, vit_arch_from_state_dict
 
 FORMATS = ("safetensors", "onnx", "official", "timm", "hf")
 
@@ -30,18 +32,19 @@ def _tensors(model: nn.Module) -> dict:
 
 def export_safetensors(model: nn.Module, path: Path):
     arch = json.dumps(backbone_arch(model))
-    save_file(_tensors(model), str(path), metadata={"format": "pt", "dinokit_arch": arch})
+    save_safetensors(_tensors(model), path, metadata={"format": "pt", "dinokit_arch": arch})
 
 
 def export_official(model: nn.Module, path: Path):
-    torch.save(_tensors(model), path)
+    with atomic_write(path) as tmp:
+        torch.save(_tensors(model), tmp)
 
 
 def export_timm(model: nn.Module, path: Path):
     if path.suffix == ".safetensors":  # what timm's own hub weights are stored as
-        save_file(_tensors(model), str(path), metadata={"format": "pt"})
+        save_safetensors(_tensors(model), path, metadata={"format": "pt"})
     else:
-        torch.save(_tensors(model), path)
+        export_official(model, path)
 
 
 def export_hf(model: nn.Module, folder: Path):
@@ -58,8 +61,9 @@ def export_hf(model: nn.Module, folder: Path):
         "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
     }
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(reference_to_hf(_tensors(model)), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with atomic_write(folder / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    save_safetensors(reference_to_hf(_tensors(model)), folder / "model.safetensors", metadata={"format": "pt"})
 
 
 def bicubic_matrix(n_out: int, n_in: int) -> torch.Tensor:
@@ -130,9 +134,10 @@ def export_onnx(model: nn.Module, path: Path, image_size: int = 224):
     batch, height, width = (torch.export.Dim("batch", min=1), torch.export.Dim("height", min=smallest),
                             torch.export.Dim("width", min=smallest))
     example = torch.randn(2, 3, image_size, image_size)  # batch 2: a size-1 example would be fixed to 1
-    torch.onnx.export(traced, (example,), str(path), dynamo=True, input_names=["images"],
-                      output_names=["features"], dynamic_shapes={"x": {0: batch, 2: height, 3: width}},
-                      external_data=False, verbose=False)
+    with atomic_write(path) as tmp:
+        torch.onnx.export(traced, (example,), str(tmp), dynamo=True, input_names=["images"],
+                          output_names=["features"], dynamic_shapes={"x": {0: batch, 2: height, 3: width}},
+                          external_data=False, verbose=False)
 
 
 @torch.no_grad()
@@ -151,6 +156,12 @@ def onnx_max_difference(model: nn.Module, path: Path, shapes) -> float:
 
 EXPORTERS = {"safetensors": export_safetensors, "official": export_official, "timm": export_timm,
              "hf": export_hf, "onnx": export_onnx}
+HF_FILES = ("config.json", "model.safetensors")
+
+
+def output_files(fmt: str, out: str | Path) -> list[Path]:
+    """The files an export writes: `out`, or for hf the two files in the folder `out`."""
+    return [Path(out) / name for name in HF_FILES] if fmt == "hf" else [Path(out)]
 
 
 def export_backbone(model: nn.Module, fmt: str, out: str | Path, **kwargs):
@@ -175,16 +186,27 @@ def register(sub):
                    help="in a training checkpoint, which network's backbone")
     p.add_argument("--num-heads", type=int, help="ViT heads, where the weights cannot tell (non-standard width)")
     p.add_argument("--image-size", type=int, default=None, help="ONNX example input size (default: the model's)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite the output when it exists (never the --weights file itself)")
     p.set_defaults(func=run)
 
 
 def run(args):
+    check_outputs(output_files(args.format, args.out), args.force, args.weights)
     model = load_backbone(args.weights, which=args.which, num_heads=args.num_heads)
     kwargs = {}
     if args.format == "onnx":
         kwargs["image_size"] = args.image_size or getattr(model, "img_size", 224)
     out = export_backbone(model, args.format, args.out, **kwargs)
-    print(f"wrote {args.which} backbone {backbone_arch(model)} as {args.format} to {out}")
+    arch = backbone_arch(model)
+    print(f"wrote {args.which} backbone {arch} as {args.format} to {out}")
+    if args.format in ("official", "timm") and "num_heads" in arch:
+        read_back = vit_arch_from_state_dict(model.state_dict())["num_heads"]
+        if read_back != arch["num_heads"]:  # the layout has no field for it; the width's standard count is read
+            print(f"warning: the {args.format} layout does not record the head count: this ViT has "
+                  f"{arch['num_heads']} heads, where its width {arch['embed_dim']} reads back as {read_back}; "
+                  f"load it with num_heads={arch['num_heads']} (load_backbone, dinokit export --num-heads), "
+                  "or export as safetensors or hf, which keep it", file=sys.stderr)
     if args.format == "onnx":
         try:
             import onnxruntime  # noqa: F401

@@ -107,8 +107,9 @@ FULL_RES_CHANNELS = 16  # the `conv-full` stem's first convolution, at the image
 
 class ConvStem(nn.Module):
     """Patches from a stack of 3 x 3 stride-2 convolutions, then a 1 x 1 projection (Xiao et al. 2021,
-    "Early convolutions help transformers see better"): the same token grid as a `patch_size` patchify,
-    with local image structure built in, so that a small ViT learns sooner. Not in the paper's code.
+    "Early convolutions help transformers see better"): the same token grid as a `patch_size` patchify
+    (sides that are not multiples of it round up: the convolutions pad), with local image structure built
+    in, so that a small ViT learns sooner. Not in the paper's code.
 
     `full_res=False` (`stem: conv`): widths doubling up to half the embedding width. `full_res=True`
     (`stem: conv-full`): a 3 x 3 convolution at full resolution first, and widths doubling up to the
@@ -175,6 +176,12 @@ class VisionTransformer(nn.Module):
                     mlp_ratio=self.blocks[0].mlp.fc1.out_features / self.embed_dim,
                     **({"stem": self.stem} if self.stem != "patch" else {}))
 
+    def grid(self, h: int, w: int) -> tuple[int, int]:
+        """The token grid (rows, columns) of an h x w image. A patchify makes s // p tokens a side; a conv
+        stem's stride-2, padding-1 convolutions make ceil(s / 2) of s pixels each, so ceil(s / p)."""
+        p = self.patch_size
+        return (h // p, w // p) if self.stem == "patch" else (-(-h // p), -(-w // p))
+
     def interpolate_pos_encoding(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         npatch, n = x.shape[1] - 1, self.pos_embed.shape[1] - 1
         if npatch == n and h == w:
@@ -193,6 +200,8 @@ class VisionTransformer(nn.Module):
         """Patch tokens (those where the bool `masks` (B, patches) is true swapped for `mask_token`), with
         [CLS] in front and position embeddings added."""
         B, _, h, w = x.shape
+        if self.stem != "patch":  # the positions of the image padded to whole patches: the grid it makes
+            h, w = (g * self.patch_size for g in self.grid(h, w))
         x = self.patch_embed(x)
         if masks is not None:
             x = torch.where(masks[..., None], mask_token.to(x.dtype), x)

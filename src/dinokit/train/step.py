@@ -265,7 +265,7 @@ class Trainer:
 
     def patch_masks(self, global_view: torch.Tensor) -> torch.Tensor:
         """The patches the student will not see, in each of the two global views (bool, 2B x patches)."""
-        grid = [side // self.cfg.patch_size for side in global_view.shape[-2:]]
+        grid = self.student.backbone.grid(*global_view.shape[-2:])  # a conv stem rounds a side up
         return torch.rand(2 * len(global_view), grid[0] * grid[1], device=self.device) < self.cfg.mask_ratio
 
     def autocast(self):
