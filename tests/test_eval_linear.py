@@ -144,3 +144,20 @@ def test_standardised_probe_ignores_the_features_scale():
         train_probe(linear, lambda epoch: (standardizer(f)(f), labels), 0.1, 5, 16, torch.Generator().manual_seed(4))
         weights.append(linear.weight.detach())
     torch.testing.assert_close(weights[0], weights[1], atol=1e-4, rtol=1e-4)
+
+
+def test_the_probe_uses_one_thread_for_narrow_features_and_every_core_for_wide_ones(monkeypatch):
+    """Small matmuls on a busy 2-core machine lose most of their time to synchronisation; wide ones (raw
+    pixels of larger images) gain from every core, busy or not (BENCHMARKS.md)."""
+    import dinokit.eval.linear as linear
+    seen = []
+    monkeypatch.setattr(linear, "train_epoch", lambda *a, **k: seen.append(torch.get_num_threads()) or 0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for width in (288, linear.WIDE_FEATURES):
+            feats, labels = torch.zeros(4, width), torch.zeros(4, dtype=torch.long)
+            train_probe(new_classifier(width, 2), lambda epoch: (feats, labels), 0.1, 1, 4, torch.Generator())
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

@@ -39,6 +39,7 @@ from .knn_command import labels_for
 # for standardised features of trained models and of raw pixels (BENCHMARKS.md).
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 HOLDOUT = 0.1  # share of the training features that `--lr auto` holds out to choose the rate
+WIDE_FEATURES = 32768  # inputs from which the probe's CPU matmuls use every core (raw pixels of larger images)
 DEFAULT_BLOCKS = 4  # the paper's n for ViT-S
 
 
@@ -146,7 +147,8 @@ def train_probe(module: nn.Module, epoch_data: Callable[[int], tuple[torch.Tenso
     (features, labels). Returns the last epoch's mean loss."""
     optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     loss = math.nan
-    with _small_ops_threads(next(module.parameters()).device):
+    weight = next(module.parameters())
+    with _probe_threads(weight.device, weight.shape[-1]):
         for epoch in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not progress, leave=False):
             for group in optimizer.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
@@ -156,10 +158,13 @@ def train_probe(module: nn.Module, epoch_data: Callable[[int], tuple[torch.Tenso
 
 
 @contextlib.contextmanager
-def _small_ops_threads(device: torch.device):
-    """One thread for the probe's tiny CPU matmuls: more only add synchronisation (an epoch on 60k x 288
-    features took 2.9 s with 2 threads, 0.15 s with 1, on a busy 2-core machine)."""
-    if device.type != "cpu":
+def _probe_threads(device: torch.device, width: int):
+    """One thread for the probe's small CPU matmuls: on a 2-core machine that another process keeps busy,
+    more only add synchronisation (an epoch on 60k x 288 features: 2.9 s with 2 threads, 0.15 s with 1).
+    Every core for features at least WIDE_FEATURES wide, where the matmuls are large enough to gain from
+    them busy or not (36,864 inputs, 6,000 images: 1.29 against 2.38 s an epoch on a quiet machine, 1.14
+    against 1.84 on a busy one; at 12,288 a busy machine made 2 threads 4x slower: BENCHMARKS.md)."""
+    if device.type != "cpu" or width >= WIDE_FEATURES:
         yield
         return
     threads = torch.get_num_threads()
