@@ -172,6 +172,21 @@ def test_conv_stem_vit_reloads_from_safetensors_and_tensors_alone(tmp_path, stem
             export_backbone(model, fmt, tmp_path / f"x.{fmt}")
 
 
+def test_conv_stem_vit_onnx_on_sides_not_a_multiple_of_the_patch(tmp_path):
+    """A conv stem makes ceil(side / patch) tokens a side; the ONNX graph must place them as the model does
+    (ONNX's integer division truncates: a ceiling written as -(-s // p) came out a floor there)."""
+    pytest.importorskip("onnxruntime")
+    model = jitter(VisionTransformer(img_size=20, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                                     stem="conv-full"), 0).eval()
+    shapes = [(2, 3, 20, 20), (1, 3, 22, 22), (1, 3, 7, 50), (1, 3, 21, 18)]
+    with torch.no_grad():
+        for shape in shapes:
+            x = images(*shape)
+            torch.testing.assert_close(TraceableViT(model)(x), model(x), atol=1e-5, rtol=0)
+    out = export_backbone(model, "onnx", tmp_path / "stem.onnx", image_size=20)
+    assert onnx_max_difference(model, out, shapes) < 1e-4
+
+
 def test_cli_refuses_existing_outputs_unless_forced(tmp_path, capsys):
     export_backbone(tiny_vit(), "official", tmp_path / "vit.pth")
     base = ["export", "--weights", str(tmp_path / "vit.pth"), "--num-heads", "3"]
