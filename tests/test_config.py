@@ -45,6 +45,10 @@ def test_a_malformed_config_file_is_one_line_naming_file_line_and_column(tmp_pat
     f.write_text("lr: 0.01\nepochs: [3\nbatch_size: 4\n")  # an unclosed list
     with pytest.raises(ValueError, match=rf"^{f}:\d+:\d+: not valid YAML"):
         resolve(file=str(f))
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("lr: 0.01\nbatch_size: 4\nbatch_size: 8\n")  # which one was meant?
+    with pytest.raises(ValueError, match=rf"^{twice}:3:1: not valid YAML \('batch_size' is given twice\)"):
+        resolve(file=str(twice))
     r = subprocess.run([sys.executable, "-m", "dinokit", "train", "--config", str(f), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr

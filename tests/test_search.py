@@ -89,6 +89,13 @@ def test_each_query_finds_its_own_copies_first(gallery, capsys):
         assert sims == sorted(sims, reverse=True) and sims[0] <= 1 + 1e-5
     with Image.open(sheet) as im:
         assert im.format == "PNG" and im.width > im.height  # one row of 1 + 5 thumbnails per query
+    args = ["search", "--index", str(gallery / "index.safetensors"), queries[0], "--sheet", str(sheet)]
+    before = sheet.read_bytes()
+    assert main(args) == 2 and "exists: pass --force" in capsys.readouterr().err
+    assert sheet.read_bytes() == before  # not redrawn
+    assert main(args + ["--force"]) == 0
+    with Image.open(sheet) as im, Image.open(io.BytesIO(before)) as old:
+        assert im.height < old.height  # now one query's row
 
 
 def test_text_output(gallery, capsys):

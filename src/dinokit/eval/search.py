@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..data.decode import decode_image
 from ..data.sources import open_source
 from ..models.weights import load_backbone
-from .common import check_outputs, save_safetensors, transform_for
+from .common import atomic_write, check_outputs, save_safetensors, transform_for
 from .features import extract_features
 
 FAISS_MIN_SIZE = 100_000  # below this, one matrix product in torch is as fast as faiss
@@ -96,7 +96,8 @@ def contact_sheet(path: str | Path, results: list[dict], thumb: int = 128):
             ax.imshow(decode_image(image).permute(1, 2, 0).numpy())
             ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=64)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=64, format="png")
     plt.close(fig)
 
 
@@ -119,6 +120,7 @@ def register(sub):
     p.add_argument("--weights", help="the model's weights, if they moved since indexing (default: as recorded)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--sheet", help="also draw the results into this PNG contact sheet")
+    p.add_argument("--force", action="store_true", help="overwrite the --sheet PNG when it exists")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run_search)
@@ -153,6 +155,8 @@ def search(index_path, images, k: int = 10, batch_size: int = 64, device: str = 
 
 
 def run_search(args):
+    if args.sheet:
+        check_outputs([args.sheet], args.force, args.index)  # before the search, not after it
     results = search(args.index, args.images, args.k, args.batch_size, args.device, args.weights)
     if args.json:
         print(json.dumps(results, indent=2))
