@@ -39,11 +39,7 @@ def register(sub):
 
 def cls_attention(model, x: torch.Tensor) -> torch.Tensor:
     """Last block's attention from [CLS] to every patch: (heads, grid_h, grid_w), each head summing to <= 1."""
-    tokens = model.prepare_tokens(x[None])
-    for blk in model.blocks[:-1]:
-        tokens = blk(tokens)
-    # The [CLS] query alone: memory grows with the tokens, not with their square as in get_last_selfattention.
-    attn = model.blocks[-1](tokens, return_attention=True, cls_only=True)[0]  # heads, 1, tokens
+    attn = model.get_last_selfattention(x[None], cls_only=True)[0]  # heads, 1, tokens
     gh, gw = x.shape[-2] // model.patch_size, x.shape[-1] // model.patch_size
     return attn[:, 0, 1:].reshape(-1, gh, gw)
 

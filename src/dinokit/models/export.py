@@ -116,8 +116,7 @@ class TraceableViT(nn.Module):
         vit = self.vit
         B, _, h, w = x.shape
         if vit.stem != "patch":  # the positions of the image padded to whole patches, as the model's
-            p = vit.patch_size  # (s + p - 1) // p: ONNX's integer division truncates, so no -(-s // p)
-            h, w = (h + p - 1) // p * p, (w + p - 1) // p * p
+            h, w = (g * vit.patch_size for g in vit.grid(h, w))
         x = torch.cat((vit.cls_token.expand(B, -1, -1), vit.patch_embed(x)), dim=1) + self.pos_embed(h, w)
         for blk in vit.blocks:
             x = blk(x)

@@ -179,8 +179,8 @@ class VisionTransformer(nn.Module):
     def grid(self, h: int, w: int) -> tuple[int, int]:
         """The token grid (rows, columns) of an h x w image. A patchify makes s // p tokens a side; a conv
         stem's stride-2, padding-1 convolutions make ceil(s / 2) of s pixels each, so ceil(s / p)."""
-        p = self.patch_size
-        return (h // p, w // p) if self.stem == "patch" else (-(-h // p), -(-w // p))
+        p = self.patch_size  # (s + p - 1) // p, not -(-s // p): traced to ONNX, integer division truncates
+        return (h // p, w // p) if self.stem == "patch" else ((h + p - 1) // p, (w + p - 1) // p)
 
     def interpolate_pos_encoding(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         npatch, n = x.shape[1] - 1, self.pos_embed.shape[1] - 1
@@ -225,12 +225,13 @@ class VisionTransformer(nn.Module):
             x = blk(x)
         return self.norm(self.blocks[-1](x, cls_only=True))[:, 0]
 
-    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmaxed attention weights of the last block: B, heads, tokens, tokens."""
+    def get_last_selfattention(self, x: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        """Softmaxed attention weights of the last block: B, heads, tokens, tokens; with `cls_only` the [CLS]
+        query's row alone (B, heads, 1, tokens): memory grows with the tokens, not with their square."""
         x = self.prepare_tokens(x)
         for blk in self.blocks[:-1]:
             x = blk(x)
-        return self.blocks[-1](x, return_attention=True)
+        return self.blocks[-1](x, return_attention=True, cls_only=cls_only)
 
     def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
         """Final-norm outputs (all tokens) of the last `n` blocks."""
