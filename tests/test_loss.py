@@ -91,3 +91,23 @@ def test_patch_loss_is_cross_entropy_at_masked_positions_with_its_own_center():
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     loss.update_center(teacher)
     torch.testing.assert_close(loss.center, 0.9 * 0.05 + 0.1 * teacher.reshape(10, 8).mean(0, keepdim=True))
+
+
+def test_dino_loss_on_bf16_logits_is_the_fp32_loss_rounded():
+    """Autocast hands the loss bf16 logits: it computes each block in fp32 and returns the gradient in bf16,
+    without fp32 copies of the whole logits. The value is the fp32 loss of the same numbers, and the gradient
+    is the fp32 gradient rounded to bf16, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    ncrops, B, K = 4, 6, 4096
+    student = (torch.randn(ncrops * B, K, generator=g) * 2).bfloat16()
+    teacher = (torch.randn(2 * B, K, generator=g) * 2).bfloat16()
+    loss_fn = dinokit.DINOLoss(K, ncrops)
+    loss_fn.center.copy_(torch.randn(1, K, generator=g) * 0.1)
+    low, high = student.clone().requires_grad_(), student.float().requires_grad_()
+    loss_low, loss_high = loss_fn(low, teacher, 0.04), loss_fn(high, teacher.float(), 0.04)
+    assert loss_low.dtype == torch.float32
+    torch.testing.assert_close(loss_low, loss_high, rtol=0, atol=0)
+    loss_low.backward()
+    loss_high.backward()
+    assert low.grad.dtype == torch.bfloat16
+    assert torch.equal(low.grad, high.grad.bfloat16())

@@ -120,3 +120,30 @@ def test_conv_stem_takes_any_image_size(stem):
     for side in (17, 18, 19, 20):  # the native 5 x 5 grid: the stored embeddings, unresized
         x = torch.randn(1, 3, side, side)
         torch.testing.assert_close(model.prepare_tokens(x)[:, 1:] - model.patch_embed(x), model.pos_embed[:, 1:])
+
+
+def test_bf16_attention_on_a_cpu_is_explicit_and_matches_fp32(monkeypatch):
+    """In bf16 on a CPU attention runs as two matrix products and a softmax (PyTorch's fused kernel was up to
+    12x slower there, BENCHMARKS.md); in fp32 it is the fused kernel. Both give the fp32 result, the bf16 one
+    to bf16's precision, values and gradients."""
+    from dinokit.models.vit import explicit_attention
+    assert explicit_attention(torch.zeros(1, dtype=torch.bfloat16))
+    assert not explicit_attention(torch.zeros(1))
+    model = random_vit(img_size=16, patch_size=4, embed_dim=48, depth=2, num_heads=4)
+    for p in model.parameters():
+        p.data.mul_(0.5)
+    x = torch.randn(6, 3, 16, 16)
+    reference = model.forward_features(x)
+    (reference ** 2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    def fused(*args, **kwargs):
+        raise AssertionError("the fused kernel ran in bf16 on a CPU")
+    monkeypatch.setattr(F, "scaled_dot_product_attention", fused)
+    with torch.autocast("cpu", torch.bfloat16):
+        low = model.forward_features(x)
+    (low.float() ** 2).sum().backward()
+    scale = reference.abs().max()
+    assert (low.float() - reference).abs().max() < 0.03 * scale
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads[n], rtol=0.1, atol=0.05 * grads[n].abs().max()), n

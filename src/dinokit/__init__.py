@@ -16,7 +16,7 @@ from .train.loop import train as pretrain
 from .train.schedules import cosine_schedule
 from .train.step import Trainer, ema_update_
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["Config", "DINOHead", "DINOLoss", "MultiCrop", "MultiCropWrapper", "Trainer", "UnsafeCheckpointError",
            "VisionTransformer", "build_backbone", "convnet", "cosine_schedule", "ema_update_", "knn_classify",
            "load_backbone", "pretrain", "safe_load", "vit_base", "vit_small", "vit_tiny"]

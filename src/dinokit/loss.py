@@ -39,8 +39,8 @@ class DINOLoss(nn.Module):
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         center = self.center.clone() if self.centering else torch.zeros_like(self.center)  # the step moves it later
-        return CrossViewEntropy.apply(student_out.float(), teacher_out.float().detach(), center, self.student_temp,
-                                      teacher_temp, self.ncrops)
+        return CrossViewEntropy.apply(student_out, teacher_out.detach(), center, self.student_temp, teacher_temp,
+                                      self.ncrops)
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor):
@@ -58,6 +58,10 @@ def sharpened(teacher_out: torch.Tensor, center: torch.Tensor | float, teacher_t
 BLOCK_BYTES = 1 << 20
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.element_size() < 4 else x
+
+
 class CrossViewEntropy(torch.autograd.Function):
     """DINO's loss and its gradient, a few batch rows at a time.
 
@@ -65,7 +69,9 @@ class CrossViewEntropy(torch.autograd.Function):
     global views other than v; the loss is the mean over pairs of -w . log_softmax(s / Ts), and its gradient
     (|w| softmax(s / Ts) - w) / Ts, |w| the number of those views. By blocks of rows, each op touches only what
     fits in the cache, and the backward recomputes the softmaxes instead of keeping (views x B, K) tensors:
-    the paper's K-way loss in 0.4 of the time on a CPU (BENCHMARKS.md).
+    the paper's K-way loss in 0.4 of the time on a CPU (BENCHMARKS.md). Logits may come in bf16 or fp16 (from
+    autocast): each block is computed in fp32, and the gradient is returned in the logits' own dtype, without
+    fp32 copies of the whole (views x B, K) tensors.
     """
 
     @staticmethod
@@ -75,13 +81,13 @@ class CrossViewEntropy(torch.autograd.Function):
         K = student_out.shape[-1]
         batch = student_out.shape[0] // ncrops
         teacher, student = teacher_out.view(-1, batch, K), student_out.view(ncrops, batch, K)
-        rows = batch if student_out.is_cuda else max(1, BLOCK_BYTES // (student_out.element_size() * K))
+        rows = batch if student_out.is_cuda else max(1, BLOCK_BYTES // (max(4, student_out.element_size()) * K))
         for b in range(0, batch, rows):
-            q = sharpened(teacher[:, b:b + rows], center, teacher_temp)
+            q = sharpened(at_least_fp32(teacher[:, b:b + rows]), center, teacher_temp)
             total = q.sum(0)
             for v in range(ncrops):
                 w = total - q[v] if v < len(q) else total
-                yield v, slice(b, b + rows), w, student[v, b:b + rows] / student_temp
+                yield v, slice(b, b + rows), w, at_least_fp32(student[v, b:b + rows]) / student_temp
 
     @staticmethod
     def forward(ctx, student_out, teacher_out, center, student_temp, teacher_temp, ncrops):
@@ -91,7 +97,7 @@ class CrossViewEntropy(torch.autograd.Function):
         batch = student_out.shape[0] // ncrops
         n_teacher = teacher_out.shape[0] // batch
         ctx.n = batch * (n_teacher * ncrops - min(n_teacher, ncrops))  # terms: images x (teacher, other view) pairs
-        with torch.autocast(student_out.device.type, enabled=False):  # the inputs are fp32; so is all of it
+        with torch.autocast(student_out.device.type, enabled=False):  # each block in fp32
             dots = [torch.dot(w.flatten(), F.log_softmax(z, dim=-1).flatten())
                     for _, _, w, z in CrossViewEntropy.blocks(*args)]
         return -torch.stack(dots).sum() / ctx.n
@@ -102,11 +108,13 @@ class CrossViewEntropy(torch.autograd.Function):
         student_temp, teacher_temp, ncrops = ctx.temps
         K = student_out.shape[-1]
         out = torch.empty_like(student_out).view(ncrops, -1, K)
+        in_place = out.element_size() >= 4  # else each block in fp32, then rounded into the logits' dtype
         scale = grad / (ctx.n * student_temp)
         for v, rows, w, z in CrossViewEntropy.blocks(student_out, teacher_out, center, *ctx.temps):
-            block = out[v, rows]
-            torch.mul(F.softmax(z, dim=-1), w.sum(-1, keepdim=True), out=block)
+            block = torch.mul(F.softmax(z, dim=-1), w.sum(-1, keepdim=True), out=out[v, rows] if in_place else None)
             block.sub_(w).mul_(scale)
+            if not in_place:
+                out[v, rows] = block
         return out.view_as(student_out), None, None, None, None, None
 
 

@@ -40,6 +40,14 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def explicit_attention(q: torch.Tensor) -> bool:
+    """Whether attention is faster as two matrix products and a softmax than through
+    `scaled_dot_product_attention`: in bf16 or fp16 on a CPU. There PyTorch's fused kernel, forward and
+    backward, took 1.4x (785 tokens) to 12x (10 tokens) the time of the explicit products, which run on the
+    CPU's bf16 matrix units (BENCHMARKS.md, "bf16 where the CPU has AMX"); in fp32 it was as fast or faster."""
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -60,9 +68,10 @@ class Attention(nn.Module):
             k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q, k, v = self.qkv(x).reshape(B, N, 3, *heads).permute(2, 0, 3, 1, 4).unbind(0)  # B, heads, N, dim
-        if return_attention:
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        if return_attention or explicit_attention(q):
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1, dtype=torch.float32).to(v.dtype)
             x = attn @ v
+            attn = attn if return_attention else None
         else:
             attn = None
             x = F.scaled_dot_product_attention(q, k, v)

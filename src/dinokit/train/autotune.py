@@ -29,7 +29,9 @@ def cache_file() -> Path:
 
 
 def machine_id() -> str:
-    """The CPU model, its flags and core count, and torch's version: what the measurement depends on."""
+    """The CPU model, its flags and core count, torch's version and dinokit's: what the measurement depends on
+    (a new dinokit can change which precision is faster, as explicit bf16 attention did)."""
+    from .. import __version__  # here, not at the top: the package imports this module while it loads
     model, flags = platform.processor(), ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -42,7 +44,8 @@ def machine_id() -> str:
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    text = f"{model}|{hashlib.sha256(flags.encode()).hexdigest()[:12]}|{cores}|torch {torch.__version__}"
+    text = (f"{model}|{hashlib.sha256(flags.encode()).hexdigest()[:12]}|{cores}|torch {torch.__version__}"
+            f"|dinokit {__version__}")
     return text
 
 
@@ -124,7 +127,7 @@ def choose(cfg, device: torch.device, world: int, measure, rounds: int = 2,
     if entry is None and time_budget is not None and time_budget < SHORT_BUDGET:
         entry = {"precision": "fp32", "threads": cfg.threads or all_cores(),
                  "reason": f"not measured: a time budget under {SHORT_BUDGET:.0f} s has no room for it (fp32 on "
-                           "every core: the fastest on every CPU measured so far)"}
+                           "every core: never far from the fastest, on every CPU measured so far)"}
     elif entry is None:
         load = others_load()  # before we add our own
         timings: dict[str, float] = {}
