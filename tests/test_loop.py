@@ -44,13 +44,15 @@ def teacher_state(run_dir):
     return safe_load(run_dir / "checkpoint.pt")["teacher"]
 
 
-# the paper's loss; and the fmnist-cpu recipe's additions (conv stem, KoLeo, iBOT patch term with its masks)
-RECIPES = [{}, {"stem": "conv", "koleo_weight": 0.1, "patch_loss_weight": 1.0}]
+# the paper's loss; the fmnist-cpu recipe's additions (conv stem, KoLeo, iBOT patch term with its masks); and
+# make demo's recipe in bf16, what `precision: auto` picks on a CPU with AMX (explicit bf16 attention)
+RECIPES = [{}, {"stem": "conv", "koleo_weight": 0.1, "patch_loss_weight": 1.0},
+           {"stem": "conv-full", "koleo_weight": 0.3, "use_bn_in_head": True, "precision": "bf16"}]
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=["paper", "additions"])
+@pytest.mark.parametrize("recipe", RECIPES, ids=["paper", "additions", "bf16"])
 def test_seeded_runs_are_identical_and_resume_is_exact(small_folder, tmp_path, recipe):
-    cfg = Config(**TINY, **recipe, data=str(small_folder)).validate()  # 6 steps per epoch, 12 in all
+    cfg = Config(**(TINY | recipe), data=str(small_folder)).validate()  # 6 steps per epoch, 12 in all
     train(cfg, tmp_path / "a", max_steps=9, progress=False)
     train(cfg, tmp_path / "b", max_steps=9, progress=False)
     train(cfg, tmp_path / "c", max_steps=5, progress=False)  # stops mid-epoch (epoch 0, batch 5)
@@ -63,14 +65,15 @@ def test_seeded_runs_are_identical_and_resume_is_exact(small_folder, tmp_path, r
     ckpt = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)  # the plain loader reads it
     assert {"student", "teacher", "optimizer", "epoch", "dino_loss"} <= set(ckpt)
     assert torch.equal(ckpt["dino_loss"]["center"], safe_load(tmp_path / "a" / "checkpoint.pt")["dino_loss"]["center"])
-    if recipe:  # the patch term's own center is saved and restored too
+    if "patch_loss_weight" in recipe:  # the patch term's own center is saved and restored too
         torch.testing.assert_close(ckpt["patch_loss"]["center"],
                                    safe_load(tmp_path / "a" / "checkpoint.pt")["patch_loss"]["center"], rtol=0, atol=0)
         assert ckpt["dinokit"]["arch"]["stem"] == "conv" and "mask_token" in ckpt["student"]
     rows = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 10))
-    for key in ("loss", "lr", "wd", "momentum", "teacher_temp", "teacher_entropy", "kl", "center_norm",
-                "images_per_s", "skipped") + (("koleo", "patch_loss") if recipe else ()):
+    keys = ("loss", "lr", "wd", "momentum", "teacher_temp", "teacher_entropy", "kl", "center_norm", "images_per_s",
+            "skipped") + (("koleo",) if recipe else ()) + (("patch_loss",) if "patch_loss_weight" in recipe else ())
+    for key in keys:
         assert all(np.isfinite(r[key]) for r in rows), key
     assert (tmp_path / "c" / "curves.png").stat().st_size > 0
     assert (tmp_path / "c" / "config.yaml").read_text().count("embed_dim: 32") == 1
