@@ -115,8 +115,7 @@ class TraceableViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vit = self.vit
         B, _, h, w = x.shape
-        if vit.stem != "patch":  # the positions of the image padded to whole patches, as the model's
-            h, w = (g * vit.patch_size for g in vit.grid(h, w))
+        h, w = vit.positions_size(h, w)  # as the model's own
         x = torch.cat((vit.cls_token.expand(B, -1, -1), vit.patch_embed(x)), dim=1) + self.pos_embed(h, w)
         for blk in vit.blocks:
             x = blk(x)

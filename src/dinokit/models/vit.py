@@ -71,7 +71,6 @@ class Attention(nn.Module):
         if return_attention or explicit_attention(q):
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1, dtype=torch.float32).to(v.dtype)
             x = attn @ v
-            attn = attn if return_attention else None
         else:
             attn = None
             x = F.scaled_dot_product_attention(q, k, v)
@@ -191,6 +190,11 @@ class VisionTransformer(nn.Module):
         p = self.patch_size  # (s + p - 1) // p, not -(-s // p): traced to ONNX, integer division truncates
         return (h // p, w // p) if self.stem == "patch" else ((h + p - 1) // p, (w + p - 1) // p)
 
+    def positions_size(self, h: int, w: int) -> tuple[int, int]:
+        """The image size whose position embeddings an h x w image's tokens take: as given for a patchify
+        (which drops a partial patch itself), padded to whole patches for a conv stem (the grid it makes)."""
+        return (h, w) if self.stem == "patch" else tuple(g * self.patch_size for g in self.grid(h, w))
+
     def interpolate_pos_encoding(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         npatch, n = x.shape[1] - 1, self.pos_embed.shape[1] - 1
         if npatch == n and h == w:
@@ -209,8 +213,7 @@ class VisionTransformer(nn.Module):
         """Patch tokens (those where the bool `masks` (B, patches) is true swapped for `mask_token`), with
         [CLS] in front and position embeddings added."""
         B, _, h, w = x.shape
-        if self.stem != "patch":  # the positions of the image padded to whole patches: the grid it makes
-            h, w = (g * self.patch_size for g in self.grid(h, w))
+        h, w = self.positions_size(h, w)
         x = self.patch_embed(x)
         if masks is not None:
             x = torch.where(masks[..., None], mask_token.to(x.dtype), x)
