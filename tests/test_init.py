@@ -138,3 +138,20 @@ def test_a_run_continues_from_a_dinokit_checkpoint_with_its_optimizer(tmp_path):
     for k, v in first["student"].items():
         torch.testing.assert_close(second["student"][k], v, rtol=0, atol=1e-6)
     assert json.loads((tmp_path / "second" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+def test_the_mlp_ratio_is_a_configuration_key_that_checkpoints_carry_and_init_checks(tmp_path):
+    data = write_fmnist_pngs(tmp_path / "data", "train", 16)
+    cfg = Config(**CFG, mlp_ratio=2.0, data=str(data)).validate()
+    train(cfg, tmp_path / "run", max_steps=2, progress=False)
+    model = load_backbone(tmp_path / "run" / "checkpoint.pt")
+    assert model.blocks[0].mlp.fc1.out_features == 64 and model.arch()["mlp_ratio"] == 2.0  # width 32 x 2
+    assert read_init(str(tmp_path / "run" / "checkpoint.pt"), cfg, with_head=True).optimizer is not None
+    # the paper's ratio, 4, against weights of ratio 2: refused with the widths named
+    with pytest.raises(ValueError, match=r"MLP hidden width: the weights have 64, the configuration 128"):
+        read_init(str(tmp_path / "run" / "checkpoint.pt"), Config(**CFG).validate())
+    # a bare state dict shows its ratio in its tensors
+    torch.save(tiny_vit(3, mlp_ratio=2.0).state_dict(), tmp_path / "bare.pth")
+    read_init(str(tmp_path / "bare.pth"), cfg)
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        Config(**CFG, mlp_ratio=0.01).validate()  # 0.32 of a hidden unit

@@ -36,6 +36,7 @@ class Config:
     num_heads: int = 6  # ViT attention heads (arch vit)
     drop_path_rate: float = 0.1  # stochastic depth of the student
     stem: str = "patch"  # ViT patch embedding: patch (the paper's, one strided convolution), conv or conv-full
+    mlp_ratio: float = 4.0  # ViT MLP hidden width over the embedding width (the paper's 4)
     # ---- head
     out_dim: int = 65536  # prototypes K
     head_hidden_dim: int = 2048  # the head's MLP width
@@ -92,14 +93,15 @@ class Config:
             return {"name": self.arch}
         dim, depth, heads = VIT_SIZES.get(self.arch, (self.embed_dim, self.depth, self.num_heads))
         return {"name": "vit", "img_size": self.global_crop_size, "patch_size": self.patch_size, "embed_dim": dim,
-                "depth": depth, "num_heads": heads, "stem": self.stem}
+                "depth": depth, "num_heads": heads, "mlp_ratio": self.mlp_ratio, "stem": self.stem}
 
     def validate(self) -> "Config":
         errors = []
         if self.arch not in (*VIT_SIZES, "vit", *CONVNETS):
             errors.append(f"arch {self.arch!r} is not one of {', '.join([*VIT_SIZES, 'vit', *CONVNETS])}")
-        positive = ["patch_size", "embed_dim", "depth", "num_heads", "out_dim", "head_hidden_dim", "bottleneck_dim",
-                    "global_crop_size", "local_crop_size", "epochs", "batch_size", "log_every", "save_every_steps"]
+        positive = ["patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "out_dim", "head_hidden_dim",
+                    "bottleneck_dim", "global_crop_size", "local_crop_size", "epochs", "batch_size", "log_every",
+                    "save_every_steps"]
         errors += [f"{k} must be > 0 (got {getattr(self, k)})" for k in positive if getattr(self, k) <= 0]
         nonneg = ["local_crops_number", "num_workers", "drop_path_rate", "warmup_epochs", "freeze_last_layer",
                   "warmup_teacher_temp_epochs", "lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad",
@@ -123,6 +125,9 @@ class Config:
         if self.arch == "vit" and self.embed_dim % self.num_heads:
             errors.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.arch in (*VIT_SIZES, "vit"):
+            width = VIT_SIZES.get(self.arch, (self.embed_dim,))[0]
+            if 0 < self.mlp_ratio and int(width * self.mlp_ratio) < 1:
+                errors.append(f"mlp_ratio {self.mlp_ratio} leaves the MLP of a width-{width} ViT no hidden unit")
             for k in ("global_crop_size", "local_crop_size"):
                 if getattr(self, k) < self.patch_size:
                     errors.append(f"{k} {getattr(self, k)} is smaller than patch_size {self.patch_size}")

@@ -62,8 +62,11 @@ def read_init(path: str, cfg, with_head: bool = False) -> InitWeights:
     problems = differences(expected, arch, {"name": "backbone", "patch_size": "patch size",
                                             "embed_dim": "embedding width", "depth": "depth",
                                             "num_heads": "attention heads", "stem": "patch embedding stem"})
-    if arch.get("name") == "vit" and arch.get("mlp_ratio", 4.0) != 4.0:
-        problems.append(f"MLP ratio: the weights have {arch['mlp_ratio']}, dinokit trains 4.0")
+    if arch.get("name") == "vit" == expected["name"]:  # compared as hidden widths: a ratio is a float
+        hidden = [int(a.get("embed_dim", 0) * a.get("mlp_ratio", 4.0)) for a in (arch, expected)]
+        if hidden[0] != hidden[1]:
+            problems.append(f"MLP hidden width: the weights have {hidden[0]}, the configuration {hidden[1]} "
+                            f"(mlp_ratio {expected['mlp_ratio']})")
     init = InitWeights(str(path), student, teacher)
     if with_head:
         init.student_head, init.teacher_head = head_weights(obj, "student"), head_weights(obj, "teacher")
@@ -97,10 +100,11 @@ def head_differences(head: dict, cfg) -> list[str]:
 
 def same_shapes(saved: dict, cfg) -> bool:
     """Whether a dinokit run's saved configuration builds the same parameters and optimizer as `cfg`."""
-    keys = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "stem", "out_dim", "head_hidden_dim",
-            "bottleneck_dim", "norm_last_layer", "use_bn_in_head", "optimizer", "global_crop_size")
+    keys = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "stem", "out_dim",
+            "head_hidden_dim", "bottleneck_dim", "norm_last_layer", "use_bn_in_head", "optimizer", "global_crop_size")
+    defaults = {"mlp_ratio": 4.0}  # a configuration saved before the key existed had the paper's value
     mask_token = lambda c: (c.get("patch_loss_weight", 0) if isinstance(c, dict) else c.patch_loss_weight) > 0
-    return all(saved.get(k) == getattr(cfg, k) for k in keys) and mask_token(saved) == mask_token(cfg)
+    return all(saved.get(k, defaults.get(k)) == getattr(cfg, k) for k in keys) and mask_token(saved) == mask_token(cfg)
 
 
 def resize_pos_embed(sd: dict, model: torch.nn.Module) -> dict:
