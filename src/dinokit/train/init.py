@@ -7,7 +7,7 @@ and the teacher's center: the self-supervised training goes on from where that r
 stays fresh, unless the checkpoint is a dinokit run's with the same parameter shapes and optimizer.
 Every mismatch (patch size, width, depth, K, ...) is refused before anything runs, with its name.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -102,9 +102,10 @@ def same_shapes(saved: dict, cfg) -> bool:
     """Whether a dinokit run's saved configuration builds the same parameters and optimizer as `cfg`."""
     keys = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "stem", "out_dim",
             "head_hidden_dim", "bottleneck_dim", "norm_last_layer", "use_bn_in_head", "optimizer", "global_crop_size")
-    defaults = {"mlp_ratio": 4.0}  # a configuration saved before the key existed had the paper's value
+    # a key missing from a configuration saved before it existed had its default then (mlp_ratio: the paper's 4)
+    defaults = {f.name: f.default for f in fields(cfg)}
     mask_token = lambda c: (c.get("patch_loss_weight", 0) if isinstance(c, dict) else c.patch_loss_weight) > 0
-    return all(saved.get(k, defaults.get(k)) == getattr(cfg, k) for k in keys) and mask_token(saved) == mask_token(cfg)
+    return all(saved.get(k, defaults[k]) == getattr(cfg, k) for k in keys) and mask_token(saved) == mask_token(cfg)
 
 
 def resize_pos_embed(sd: dict, model: torch.nn.Module) -> dict:
