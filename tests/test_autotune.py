@@ -118,7 +118,8 @@ def test_auto_preset_follows_the_data_and_reproduces_fmnist_cpu(tmp_path):
     colour = image_stats(open_source(str(write_folder(tmp_path / "colour", 40, (32, 36)))))
     assert colour == {"images": 40, "short_side": 32, "grey": False}
     values, _ = auto_preset(colour, "cpu", 300)
-    assert (values["global_crop_size"], values["stem"], values["out_dim"]) == (20, "conv-full", 256)  # K for 40 images
+    # K: 256 for 40 images
+    assert (values["global_crop_size"], values["stem"], values["out_dim"]) == (20, "conv-full-relu", 256)
     crops = [(v["global_crop_size"], v["local_crop_size"]) for v in
              (auto_preset({"images": 10_000, "short_side": side, "grey": True}, "cpu", 300)[0] for side in (16, 64))]
     assert crops == [(12, 8), (20, 12)]  # 5/7 and 3/7 of the side, at most 5 x 5 and 3 x 3 tokens

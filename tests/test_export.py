@@ -13,6 +13,7 @@ from dinokit.cli import main
 from dinokit.models import DINOHead, MultiCropWrapper, convnet, load_backbone
 from dinokit.models.export import TraceableViT, bicubic_matrix, export_backbone, onnx_max_difference
 from dinokit.models.vit import VisionTransformer
+from dinokit.models.weights import build_backbone, vit_arch_from_state_dict
 from conftest import jitter, tiny_vit
 
 
@@ -159,14 +160,20 @@ def test_onnx_resnet(tmp_path):
     assert onnx_max_difference(resnet, out, [(2, 3, 64, 64), (1, 3, 96, 80)]) < 1e-3
 
 
-@pytest.mark.parametrize("stem", ["conv", "conv-full"])
+@pytest.mark.parametrize("stem", ["conv", "conv-full", "conv-full-relu"])
 def test_conv_stem_vit_reloads_from_safetensors_and_tensors_alone(tmp_path, stem):
     model = jitter(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, stem=stem), 0)
     assert model.patch_embed(images(1, 3, 32, 32)).shape == (1, 16, 48)  # the patchify grid: 4 x 4
     out = export_backbone(model, "safetensors", tmp_path / "stem.safetensors")
     assert_same_features(model, load_backbone(out), VIT_SHAPES)
     torch.save(model.state_dict(), tmp_path / "bare.pth")  # no recorded arch: the stem is read off the tensors
-    assert_same_features(model, load_backbone(tmp_path / "bare.pth", num_heads=3), VIT_SHAPES)
+    bare = load_backbone(tmp_path / "bare.pth", num_heads=3)
+    if stem == "conv-full-relu":  # tensors cannot show the activation: read as GELU's, the layout's other stem
+        assert bare.stem == "conv-full"
+        bare = build_backbone({"name": "vit", **vit_arch_from_state_dict(model.state_dict(), 3, stem)})
+        bare.load_state_dict(model.state_dict())
+        bare.eval()
+    assert_same_features(model, bare, VIT_SHAPES)
     for fmt in ("official", "timm", "hf"):  # their ViTs have one patch projection
         with pytest.raises(ValueError, match="convolutional stem"):
             export_backbone(model, fmt, tmp_path / f"x.{fmt}")

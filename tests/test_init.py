@@ -155,3 +155,22 @@ def test_the_mlp_ratio_is_a_configuration_key_that_checkpoints_carry_and_init_ch
     read_init(str(tmp_path / "bare.pth"), cfg)
     with pytest.raises(ValueError, match="mlp_ratio"):
         Config(**CFG, mlp_ratio=0.01).validate()  # 0.32 of a hidden unit
+
+
+def test_the_stems_activation_rides_with_a_checkpoint_and_a_bare_state_dict_takes_the_configurations(tmp_path):
+    """`conv-full` and `conv-full-relu` share their tensors: a checkpoint names its stem and `--init` holds
+    the configuration to it; a bare state dict cannot show the activation, so the configuration's is taken."""
+    data = write_fmnist_pngs(tmp_path / "data", "train", 16)
+    relu = Config(**CFG, stem="conv-full-relu", data=str(data)).validate()
+    train(relu, tmp_path / "run", max_steps=2, progress=False)
+    model = load_backbone(tmp_path / "run" / "checkpoint.pt")
+    assert model.arch()["stem"] == "conv-full-relu"
+    assert any(isinstance(m, torch.nn.ReLU) for m in model.patch_embed.modules())
+    assert not any(isinstance(m, torch.nn.GELU) for m in model.patch_embed.modules())
+    with pytest.raises(ValueError, match="patch embedding stem"):
+        read_init(str(tmp_path / "run" / "checkpoint.pt"), Config(**CFG, stem="conv-full").validate())
+    torch.save(model.state_dict(), tmp_path / "bare.pth")
+    init = read_init(str(tmp_path / "bare.pth"), relu)
+    torch.testing.assert_close(init.teacher, model.state_dict())
+    with pytest.raises(ValueError, match="patch embedding stem"):  # the layouts differ: seen in the tensors
+        read_init(str(tmp_path / "bare.pth"), Config(**CFG, stem="conv").validate())

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from dinokit.models.vit import VisionTransformer
@@ -62,6 +63,12 @@ def test_conv_stem_layouts():
                               "proj.weight": (96, 48, 1, 1)}
     assert shapes("conv-full") == {"full.0.weight": (16, 3, 3, 3), "stem.0.weight": (48, 16, 3, 3),
                                    "stem.2.weight": (96, 48, 3, 3), "proj.weight": (96, 96, 1, 1)}
+    assert shapes("conv-full-relu") == shapes("conv-full")  # the activation alone differs
+
+    def activations(stem):
+        model = VisionTransformer(img_size=20, patch_size=4, embed_dim=96, depth=1, num_heads=4, stem=stem)
+        return [type(m).__name__ for m in model.patch_embed.modules() if isinstance(m, (nn.GELU, nn.ReLU))]
+    assert activations("conv-full") == ["GELU"] * 3 and activations("conv-full-relu") == ["ReLU"] * 3
     with pytest.raises(ValueError, match="stem must be"):
         VisionTransformer(img_size=20, patch_size=4, embed_dim=96, depth=1, num_heads=4, stem="conv2")
 
@@ -101,7 +108,7 @@ def test_patch_stem_positions_are_the_papers(h, w):
     torch.testing.assert_close(model.prepare_tokens(x) - tokens, expected, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("stem", ["conv", "conv-full"])
+@pytest.mark.parametrize("stem", ["conv", "conv-full", "conv-full-relu"])
 def test_conv_stem_takes_any_image_size(stem):
     """A conv stem pads: ceil(side / patch) tokens a side. The position embeddings are resized to that
     grid (the paper's resize, for the image padded to whole patches), so no size crashes."""

@@ -109,7 +109,9 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # B, patches, dim
 
 
-STEMS = ("patch", "conv", "conv-full")
+# name -> (a full-resolution convolution first, the activation after each convolution)
+CONV_STEMS = {"conv": (False, nn.GELU), "conv-full": (True, nn.GELU), "conv-full-relu": (True, nn.ReLU)}
+STEMS = ("patch", *CONV_STEMS)
 FULL_RES_CHANNELS = 16  # the `conv-full` stem's first convolution, at the image's own resolution
 
 
@@ -122,12 +124,15 @@ class ConvStem(nn.Module):
     `full_res=False` (`stem: conv`): widths doubling up to half the embedding width. `full_res=True`
     (`stem: conv-full`): a 3 x 3 convolution at full resolution first, and widths doubling up to the
     embedding width itself, as in Xiao et al.; strokes a pixel wide reach the tokens (docs/recipe.md).
+    `act`: the activation after each convolution; `stem: conv-full-relu` takes Xiao et al.'s ReLU, which
+    learned more per minute than GELU at small scale (docs/recipe.md). A state dict cannot show it.
 
     >>> [tuple(w.shape[:2]) for name, w in ConvStem(4, 3, 96, full_res=True).named_parameters() if "weight" in name]
     [(16, 3), (48, 16), (96, 48), (96, 96)]
     """
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, full_res: bool = False):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, full_res: bool = False,
+                 act: type[nn.Module] = nn.GELU):
         super().__init__()
         n = int(math.log2(patch_size))
         if patch_size < 2 or 2 ** n != patch_size:
@@ -137,11 +142,11 @@ class ConvStem(nn.Module):
         widths = [max(top >> (n - 1 - i), 8) for i in range(n)]  # doubling up to `top`
         first = FULL_RES_CHANNELS if full_res else in_chans  # what the stride-2 convolutions start from
         # its own module, so that a state dict's count of `stem.N` convolutions still gives the patch size
-        self.full = nn.Sequential(nn.Conv2d(in_chans, first, kernel_size=3, padding=1), nn.GELU()) \
+        self.full = nn.Sequential(nn.Conv2d(in_chans, first, kernel_size=3, padding=1), act()) \
             if full_res else nn.Identity()
         layers = []
         for a, b in zip([first] + widths[:-1], widths):
-            layers += [nn.Conv2d(a, b, kernel_size=3, stride=2, padding=1), nn.GELU()]
+            layers += [nn.Conv2d(a, b, kernel_size=3, stride=2, padding=1), act()]
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(widths[-1], embed_dim, kernel_size=1)
 
@@ -165,7 +170,7 @@ class VisionTransformer(nn.Module):
         self.embed_dim = self.num_features = embed_dim
         self.num_heads = num_heads
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim) if stem == "patch" else \
-            ConvStem(patch_size, in_chans, embed_dim, full_res=stem == "conv-full")
+            ConvStem(patch_size, in_chans, embed_dim, *CONV_STEMS[stem])
         grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, embed_dim))

@@ -24,7 +24,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, safe_open
 
 from .convnets import CONVNETS, convnet
-from .vit import VIT_SIZES, VisionTransformer
+from .vit import CONV_STEMS, VIT_SIZES, VisionTransformer
 
 
 class UnsafeCheckpointError(ValueError):
@@ -183,8 +183,9 @@ def reference_to_hf(sd: dict) -> dict:
     return out
 
 
-def vit_arch_from_state_dict(sd: dict, num_heads: int | None = None) -> dict:
-    """ViT constructor arguments implied by the tensors (heads cannot be seen: the standard sizes' are used)."""
+def vit_arch_from_state_dict(sd: dict, num_heads: int | None = None, stem: str | None = None) -> dict:
+    """ViT constructor arguments implied by the tensors. Heads cannot be seen: `num_heads`, else the standard
+    sizes'. Nor can a conv stem's activation: `stem` where its layout is the tensors', else its GELU kind."""
     heads_of_width = {width: heads for width, _, heads in VIT_SIZES.values()}
     dim = sd["cls_token"].shape[-1]
     stem_convs = sum(1 for k in sd if re.fullmatch(r"patch_embed\.stem\.\d+\.weight", k))
@@ -194,7 +195,13 @@ def vit_arch_from_state_dict(sd: dict, num_heads: int | None = None) -> dict:
     return dict(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth,
                 num_heads=num_heads or heads_of_width.get(dim, max(dim // 64, 1)),
                 mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
-                **({"stem": "conv-full" if "patch_embed.full.0.weight" in sd else "conv"} if stem_convs else {}))
+                **({"stem": _conv_stem(sd, stem)} if stem_convs else {}))
+
+
+def _conv_stem(sd: dict, hint: str | None) -> str:
+    seen = "conv-full" if "patch_embed.full.0.weight" in sd else "conv"
+    same_layout = hint in CONV_STEMS and CONV_STEMS[hint][0] == CONV_STEMS[seen][0]
+    return hint if same_layout else seen
 
 
 def _resnet_name(sd: dict) -> str:
@@ -274,14 +281,15 @@ def read_weight_file(path: str | Path) -> tuple[dict, dict | None]:
 
 
 def backbone_weights(obj: dict, which: str = "teacher", num_heads: int | None = None,
-                     hf_config: dict | None = None, name: str = "") -> tuple[dict, dict]:
+                     hf_config: dict | None = None, name: str = "", stem: str | None = None) -> tuple[dict, dict]:
     """A weight file's backbone tensors (reference names) and its architecture, recorded or read from the
-    tensors' shapes (ViT heads: `num_heads`, the Hugging Face config's, or the standard width's)."""
+    tensors' shapes (ViT heads: `num_heads`, the Hugging Face config's, or the standard width's; a conv
+    stem's activation: `stem`'s, see `vit_arch_from_state_dict`)."""
     sd, arch = backbone_state_dict(obj, which)
     if arch is None:
         if "cls_token" in sd:
             heads = num_heads or (hf_config or {}).get("num_attention_heads")
-            arch = {"name": "vit", **vit_arch_from_state_dict(sd, heads)}
+            arch = {"name": "vit", **vit_arch_from_state_dict(sd, heads, stem)}
         elif "conv1.weight" in sd:
             arch = {"name": _resnet_name(sd)}
         else:

@@ -35,7 +35,7 @@ class Config:
     depth: int = 12  # ViT blocks (arch vit)
     num_heads: int = 6  # ViT attention heads (arch vit)
     drop_path_rate: float = 0.1  # stochastic depth of the student
-    stem: str = "patch"  # ViT patch embedding: patch (the paper's, one strided convolution), conv or conv-full
+    stem: str = "patch"  # ViT patch embedding: patch (the paper's), conv, conv-full or conv-full-relu (docs/recipe.md)
     mlp_ratio: float = 4.0  # ViT MLP hidden width over the embedding width (the paper's 4)
     # ---- head
     out_dim: int = 65536  # prototypes K

@@ -54,8 +54,9 @@ def read_init(path: str, cfg, with_head: bool = False) -> InitWeights:
         raise ValueError(f"--init-head needs a full training checkpoint (student and teacher with their heads); "
                          f"{path} holds a backbone only")
     expected = cfg.backbone_arch()
-    heads = expected.get("num_heads")  # a bare state dict cannot show its heads: the configuration's then
-    teacher, arch = backbone_weights(obj, "teacher", heads, hf_config, str(path))
+    # a bare state dict cannot show its heads or its conv stem's activation: the configuration's then
+    heads = expected.get("num_heads")
+    teacher, arch = backbone_weights(obj, "teacher", heads, hf_config, str(path), expected.get("stem"))
     student = backbone_weights(obj, "student", heads, hf_config, str(path))[0] if with_head else teacher
     if arch.get("name") == "vit":
         arch = {"stem": "patch", **arch}
