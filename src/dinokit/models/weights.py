@@ -185,7 +185,7 @@ def reference_to_hf(sd: dict) -> dict:
 
 def vit_arch_from_state_dict(sd: dict, num_heads: int | None = None, stem: str | None = None) -> dict:
     """ViT constructor arguments implied by the tensors. Heads cannot be seen: `num_heads`, else the standard
-    sizes'. Nor can a conv stem's activation: `stem` where its layout is the tensors', else its GELU kind."""
+    sizes'. Nor can a conv stem's activation: `stem` where its layout is the tensors', else that layout's GELU stem."""
     heads_of_width = {width: heads for width, _, heads in VIT_SIZES.values()}
     dim = sd["cls_token"].shape[-1]
     stem_convs = sum(1 for k in sd if re.fullmatch(r"patch_embed\.stem\.\d+\.weight", k))
