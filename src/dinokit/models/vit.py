@@ -112,7 +112,7 @@ class PatchEmbed(nn.Module):
 # name -> (a full-resolution convolution first, the activation after each convolution)
 CONV_STEMS = {"conv": (False, nn.GELU), "conv-full": (True, nn.GELU), "conv-full-relu": (True, nn.ReLU)}
 STEMS = ("patch", *CONV_STEMS)
-FULL_RES_CHANNELS = 16  # the `conv-full` stem's first convolution, at the image's own resolution
+FULL_RES_CHANNELS = 16  # the full-resolution stems' first convolution, at the image's own resolution
 
 
 class ConvStem(nn.Module):
