@@ -133,6 +133,24 @@ def test_patch_term_with_a_conv_stem_on_crops_not_a_multiple_of_the_patch():
     assert trainer.patch_masks(torch.zeros(4, 3, 18, 18)).shape == (8, 25)
 
 
+def test_student_keep_ratio_drops_the_students_tokens_only(monkeypatch):
+    """The student's views lose tokens; the teacher still sees every token of the global views."""
+    seen = []
+    from dinokit.models import vit
+    real = vit.keep_random_tokens
+    monkeypatch.setattr(vit, "keep_random_tokens", lambda x, r: seen.append((x.shape, r)) or real(x, r))
+    trainer, losses = run_steps(tiny_config(student_keep_ratio=0.5), 2)
+    assert trainer.step == 2 and all(torch.isfinite(torch.as_tensor(loss)) for loss in losses)
+    # per step: the global views (16 px: 16 tokens) and the local views (8 px: 4 tokens); never the teacher
+    assert [(tuple(shape[1:2]), r) for shape, r in seen] == [((17,), 0.5), ((5,), 0.5)] * 2
+    with pytest.raises(ValueError, match="student_keep_ratio below 1 needs a ViT"):
+        tiny_config(arch="resnet18", student_keep_ratio=0.5)
+    with pytest.raises(ValueError, match="two ways of masking"):
+        tiny_config(student_keep_ratio=0.5, patch_loss_weight=1.0)
+    with pytest.raises(ValueError, match=r"student_keep_ratio must be in \(0, 1\]"):
+        tiny_config(student_keep_ratio=0.0)
+
+
 @pytest.mark.parametrize("mode", ["student", "previous_epoch"])
 def test_teacher_ablations_copy_the_student(mode):
     """Table 10's teachers: a copy of the student after every step, or after every epoch (4 steps here)."""

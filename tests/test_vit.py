@@ -1,6 +1,6 @@
 """The ViT's [CLS] path: `forward` runs the last block for [CLS] alone, and must give what the full token
 path gives, values and gradients, with stochastic depth drawing the same samples. Position embeddings: the
-paper's resize for the patch stem, any image size for the conv stems."""
+paper's resize for the patch stem, any image size for the conv stems. The student's random token subset."""
 import math
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dinokit.models.vit import VisionTransformer
+from dinokit.models.vit import VisionTransformer, keep_random_tokens
 
 
 def random_vit(**kw) -> VisionTransformer:
@@ -154,3 +154,33 @@ def test_bf16_attention_on_a_cpu_is_explicit_and_matches_fp32(monkeypatch):
     assert (low.float() - reference).abs().max() < 0.03 * scale
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, grads[n], rtol=0.1, atol=0.05 * grads[n].abs().max()), n
+
+
+def test_keep_random_tokens_keeps_cls_and_a_different_subset_of_distinct_tokens_per_image():
+    torch.manual_seed(0)
+    tokens = torch.arange(4 * 26, dtype=torch.float).view(4, 26, 1).expand(-1, -1, 3)  # token id in every channel
+    kept = keep_random_tokens(tokens, 0.6)
+    assert kept.shape == (4, 1 + 15, 3)
+    ids = kept[..., 0].long() - 26 * torch.arange(4)[:, None]  # each image's token indices
+    assert (ids[:, 0] == 0).all()  # [CLS] first, always
+    for row in ids[:, 1:]:
+        assert len(set(row.tolist())) == 15 and row.min() >= 1 and row.max() <= 25  # distinct patch tokens
+    assert torch.equal(kept[..., 1:], kept[..., :1].expand(-1, -1, 2))  # whole tokens move, not channels
+    assert len({tuple(sorted(row.tolist())) for row in ids[:, 1:]}) > 1  # drawn per image
+    assert keep_random_tokens(tokens, 0.01).shape[1] == 2  # at least one patch token
+
+
+def test_keep_ratio_one_is_the_plain_forward_and_below_one_sees_fewer_tokens():
+    model = random_vit(img_size=20, patch_size=4, embed_dim=48, depth=2, num_heads=4, stem="conv-full-relu").eval()
+    x = torch.randn(3, 3, 20, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, keep_ratio=1.0), model(x))
+        torch.manual_seed(1)
+        dropped = model(x, keep_ratio=0.5)
+        torch.manual_seed(1)
+        # the same draw by hand: [CLS] and 12 of the 25 tokens through the blocks, the last for [CLS] alone
+        tokens = keep_random_tokens(model.prepare_tokens(x), 0.5)
+        for blk in model.blocks:
+            tokens = blk(tokens)
+        torch.testing.assert_close(dropped, model.norm(tokens)[:, 0])
+    assert not torch.allclose(dropped, model(x))

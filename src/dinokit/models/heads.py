@@ -88,10 +88,11 @@ class MultiCropWrapper(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(backbone.num_features)) if mask_token else None
 
     def forward(self, crops: torch.Tensor | list[torch.Tensor], masks: torch.Tensor | None = None,
-                return_patches: bool = False) -> MultiCropOutput:
+                return_patches: bool = False, keep_ratio: float = 1.0) -> MultiCropOutput:
         """`masks` (bool, views * B x patches): the global views' patches swapped for the mask token before the
         backbone, and the head run on those positions' tokens; `return_patches`: the head run on all of the
-        global views' patch tokens, (views * B, patches, K)."""
+        global views' patch tokens, (views * B, patches, K); `keep_ratio` < 1 (a ViT, without `masks`): every
+        crop's [CLS] from a random share of its patch tokens."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         feats, patches, start = [], None, 0
@@ -105,7 +106,7 @@ class MultiCropWrapper(nn.Module):
                 feats.append(tokens[:, 0])
                 patches = tokens[:, 1:] if masks is None else tokens[:, 1:][masks]
             else:
-                feats.append(self.backbone(x))
+                feats.append(self.backbone(x) if keep_ratio == 1 else self.backbone(x, keep_ratio=keep_ratio))
             start = end
         feats = torch.cat(feats)
         if patches is not None:  # the head sees rows of tokens: BatchNorm in it normalises over tokens

@@ -233,11 +233,14 @@ class VisionTransformer(nn.Module):
             x = blk(x)
         return self.norm(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep_ratio: float = 1.0) -> torch.Tensor:
         """The final-norm [CLS] token: B, dim. Nothing reads the last block's other tokens, so only [CLS]
         queries there: the same numbers, with that block's MLP and projections on one token, not all (a
-        quarter of a depth-3 ViT's work; BENCHMARKS.md)."""
+        quarter of a depth-3 ViT's work; BENCHMARKS.md). `keep_ratio` < 1: the blocks see [CLS] and that
+        share of each image's patch tokens, chosen at random (`keep_random_tokens`)."""
         x = self.prepare_tokens(x)
+        if keep_ratio < 1:
+            x = keep_random_tokens(x, keep_ratio)
         for blk in self.blocks[:-1]:
             x = blk(x)
         return self.norm(self.blocks[-1](x, cls_only=True))[:, 0]
@@ -259,6 +262,20 @@ class VisionTransformer(nn.Module):
             if i >= len(self.blocks) - n:
                 out.append(self.norm(x))
         return out
+
+
+def keep_random_tokens(tokens: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """[CLS] (the first token) and a random `keep_ratio` of the other tokens (at least one), drawn for each
+    image, in their drawn order: their position embeddings are already added, so order does not matter. What
+    the student sees of a view in MSN's and FLIP's masking: a harder view, and a cheaper step (BENCHMARKS.md).
+
+    >>> keep_random_tokens(torch.randn(8, 1 + 25, 96), 0.6).shape
+    torch.Size([8, 16, 96])
+    """
+    B, n, dim = tokens.shape
+    keep = max(1, round((n - 1) * keep_ratio))
+    chosen = torch.rand(B, n - 1, device=tokens.device).argsort(dim=1)[:, :keep] + 1
+    return torch.cat((tokens[:, :1], tokens.gather(1, chosen[..., None].expand(-1, -1, dim))), dim=1)
 
 
 def _init_weights(m: nn.Module):

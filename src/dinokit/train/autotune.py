@@ -20,8 +20,8 @@ import torch
 # What a step's cost depends on; the rest of a configuration (lr, seed, schedules, data path) does not change it.
 SHAPE_KEYS = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "stem", "out_dim",
               "head_hidden_dim", "bottleneck_dim", "use_bn_in_head", "global_crop_size", "local_crop_size",
-              "local_crops_number", "koleo_weight", "patch_loss_weight", "mask_ratio", "optimizer", "batch_size",
-              "compile", "num_workers", "decode", "fsdp")
+              "local_crops_number", "koleo_weight", "patch_loss_weight", "mask_ratio", "student_keep_ratio",
+              "optimizer", "batch_size", "compile", "num_workers", "decode", "fsdp")
 
 
 def cache_file() -> Path:

@@ -63,6 +63,7 @@ class Config:
     koleo_weight: float = 0.0  # DINOv2's KoLeo term on the student's global-view features; 0: off (the paper)
     patch_loss_weight: float = 0.0  # iBOT's masked-patch term (ViTs); 0: off (the paper)
     mask_ratio: float = 0.3  # share of a global view's patches masked for the student, with the patch term
+    student_keep_ratio: float = 1.0  # share of each view's patch tokens the student sees, at random (MSN); 1: all
     # ---- teacher
     teacher: str = "ema"  # ema (the paper's), student (a copy every step), previous_epoch (a copy every epoch)
     momentum_teacher: float = 0.996  # EMA momentum at the start, cosine to 1
@@ -140,6 +141,13 @@ class Config:
             errors.append(f"mask_ratio must be in (0, 1) (got {self.mask_ratio})")
         if self.patch_loss_weight > 0 and self.arch not in (*VIT_SIZES, "vit"):
             errors.append("patch_loss_weight needs a ViT (patch tokens)")
+        if not 0 < self.student_keep_ratio <= 1:
+            errors.append(f"student_keep_ratio must be in (0, 1] (got {self.student_keep_ratio})")
+        elif self.student_keep_ratio < 1 and self.arch not in (*VIT_SIZES, "vit"):
+            errors.append("student_keep_ratio below 1 needs a ViT (patch tokens to drop)")
+        elif self.student_keep_ratio < 1 and self.patch_loss_weight > 0:
+            errors.append("student_keep_ratio below 1 and patch_loss_weight are two ways of masking the student's "
+                          "patches: use one")
         if self.stem not in STEMS:
             errors.append(f"stem must be one of {', '.join(STEMS)} (got {self.stem!r})")
         elif self.stem != "patch" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):

@@ -194,8 +194,8 @@ class Trainer:
             if self.fsdp:  # FSDP leaves a root's parameters gathered for the backward; the teacher has none
                 self.teacher.reshard()
             self.clock.mark("teacher")
-            # student on every view
-            student = self.student_ddp(views, masks=masks)
+            # student on every view (with `student_keep_ratio`, on a random share of each view's patches)
+            student = self.student_ddp(views, masks=masks, keep_ratio=self.cfg.student_keep_ratio)
             # loss: DINO's cross-view cross-entropy, plus the optional terms that are on
             terms = self.loss_terms(student, teacher, masks, temp, len(views[0]))
             loss = terms["dino"]
