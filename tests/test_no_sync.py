@@ -65,7 +65,8 @@ def steady_step_syncs(device: str, trainer_hook=None, **recipe) -> list[str]:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("recipe", [{}, {"koleo_weight": 0.1}], ids=["paper", "koleo"])
+@pytest.mark.parametrize("recipe", [{}, {"koleo_weight": 0.1}, {"student_keep_ratio": 0.5}],
+                         ids=["paper", "koleo", "keep"])
 def test_a_steady_step_never_waits_for_the_device(device, recipe):
     assert steady_step_syncs(device, **recipe) == []
 
