@@ -125,7 +125,8 @@ class Config:
                           f"{self.global_crop_size}: local views are the small ones")
         if self.arch == "vit" and self.embed_dim % self.num_heads:
             errors.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.arch in (*VIT_SIZES, "vit"):
+        vit = self.arch in (*VIT_SIZES, "vit")
+        if vit:
             width = VIT_SIZES.get(self.arch, (self.embed_dim,))[0]
             if 0 < self.mlp_ratio and int(width * self.mlp_ratio) < 1:
                 errors.append(f"mlp_ratio {self.mlp_ratio} leaves the MLP of a width-{width} ViT no hidden unit")
@@ -139,11 +140,11 @@ class Config:
             errors.append(f"early_crops_share must be in [0, 1) (got {self.early_crops_share})")
         if not 0 < self.mask_ratio < 1:
             errors.append(f"mask_ratio must be in (0, 1) (got {self.mask_ratio})")
-        if self.patch_loss_weight > 0 and self.arch not in (*VIT_SIZES, "vit"):
+        if self.patch_loss_weight > 0 and not vit:
             errors.append("patch_loss_weight needs a ViT (patch tokens)")
         if not 0 < self.student_keep_ratio <= 1:
             errors.append(f"student_keep_ratio must be in (0, 1] (got {self.student_keep_ratio})")
-        elif self.student_keep_ratio < 1 and self.arch not in (*VIT_SIZES, "vit"):
+        elif self.student_keep_ratio < 1 and not vit:
             errors.append("student_keep_ratio below 1 needs a ViT (patch tokens to drop)")
         elif self.student_keep_ratio < 1 and self.patch_loss_weight > 0:
             errors.append("student_keep_ratio below 1 and patch_loss_weight are two ways of masking the student's "
