@@ -106,6 +106,7 @@ class MultiCropWrapper(nn.Module):
                 feats.append(tokens[:, 0])
                 patches = tokens[:, 1:] if masks is None else tokens[:, 1:][masks]
             else:
+                # only a ViT takes keep_ratio (validation refuses it below 1 for a convnet)
                 feats.append(self.backbone(x) if keep_ratio == 1 else self.backbone(x, keep_ratio=keep_ratio))
             start = end
         feats = torch.cat(feats)
