@@ -28,11 +28,11 @@ ARMS = [Arm("centering", "centering only", {"centering": True, "sharpening": Fal
         Arm("sharpening", "sharpening only", {"centering": False, "sharpening": True}),
         Arm("both", "centering and sharpening", {"centering": True, "sharpening": True})]
 EXPECTED = {"centering": "uniform", "sharpening": "one prototype", "both": "no collapse"}  # the paper's Figure 7
-# the paper's loss and ViT head: no other anti-collapse term; and the stem and MLP these runs were measured with
-# (the recipe's wider `conv-full`, or its MLP at ratio 2, drifts to the uniform collapse even with both at the
+# the paper's loss and ViT head: no other anti-collapse term; and the stem, MLP and depth these runs were measured
+# with (the recipe's wider `conv-full`, or its MLP at ratio 2, drifts to the uniform collapse even with both at the
 # tests' width 32: --set to try it)
 FIXED = {"koleo_weight": 0.0, "patch_loss_weight": 0.0, "use_bn_in_head": False, "early_crops_share": 0.0,
-         "stem": "conv", "mlp_ratio": 4.0}
+         "stem": "conv", "mlp_ratio": 4.0, "depth": 3}
 
 
 def register(sub):

@@ -10,11 +10,11 @@ from .config import Config
 # The small-image recipe's largest crops, global and local: 5 x 5 and 3 x 3 tokens of 4 px (docs/recipe.md).
 MAX_SMALL_CROPS = (20, 12)
 # The small-image recipe, measured on Fashion-MNIST and checked on other small folders (docs/recipe.md):
-# a narrow ViT (its MLP half the paper's ratio) with a ReLU convolutional stem from full resolution, two views, KoLeo,
-# a small head with BatchNorm and a fast-following teacher; `auto` adds smaller views for the first half of the
-# run where the crops have 5 tokens a side.
+# a narrow ViT of two blocks (its MLP half the paper's ratio) with a ReLU convolutional stem from full resolution,
+# two views, KoLeo, a small head with BatchNorm and a fast-following teacher; `auto` adds smaller views for the
+# first half of the run where the crops have 5 tokens a side.
 SMALL = {
-    "arch": "vit", "stem": "conv-full-relu", "patch_size": 4, "embed_dim": 96, "depth": 3, "num_heads": 4,
+    "arch": "vit", "stem": "conv-full-relu", "patch_size": 4, "embed_dim": 96, "depth": 2, "num_heads": 4,
     "mlp_ratio": 2.0, "drop_path_rate": 0.0, "out_dim": 1024, "head_hidden_dim": 256, "bottleneck_dim": 64,
     "use_bn_in_head": True, "local_crops_number": 0, "global_crops_scale": [0.6, 1.0],
     "local_crops_scale": [0.25, 0.6], "warmup_teacher_temp": 0.04, "teacher_temp": 0.04, "momentum_teacher": 0.99,
@@ -67,7 +67,7 @@ def auto_preset(stats: dict, device_type: str, time_budget: float | None = None)
             values["early_crops"] = [values["global_crop_size"] - 4, max(4, values["local_crop_size"] - 4)]
             values["early_crops_share"] = 0.5
         reasons += [
-            f"small images: the small-image recipe (ViT width 96, depth 3, MLP ratio 2, ReLU convolutional stem from "
+            f"small images: the small-image recipe (ViT width 96, depth 2, MLP ratio 2, ReLU convolutional stem from "
             f"full resolution, patch 4, KoLeo 0.3, K {values['out_dim']}, BatchNorm in the head, batch 32, lr 0.005, "
             f"teacher momentum 0.99), measured on Fashion-MNIST, the digits and colour shapes",
             f"training crops {values['global_crop_size']} px, 5/7 of the side and at most {MAX_SMALL_CROPS[0]} px (on "
