@@ -67,9 +67,11 @@ def auto_preset(stats: dict, device_type: str, time_budget: float | None = None)
             values["early_crops"] = [values["global_crop_size"] - 4, max(4, values["local_crop_size"] - 4)]
             values["early_crops_share"] = 0.5
         reasons += [
-            f"small images: the small-image recipe (ViT width 96, depth 2, MLP ratio 2, ReLU convolutional stem from "
-            f"full resolution, patch 4, KoLeo 0.3, K {values['out_dim']}, BatchNorm in the head, batch 32, lr 0.005, "
-            f"teacher momentum 0.99), measured on Fashion-MNIST, the digits and colour shapes",
+            f"small images: the small-image recipe (ViT width {SMALL['embed_dim']}, depth {SMALL['depth']}, MLP ratio "
+            f"{SMALL['mlp_ratio']:g}, ReLU convolutional stem from full resolution, patch {SMALL['patch_size']}, KoLeo "
+            f"{SMALL['koleo_weight']:g}, K {values['out_dim']}, BatchNorm in the head, batch {SMALL['batch_size']}, lr "
+            f"{SMALL['lr']:g}, teacher momentum {SMALL['momentum_teacher']:g}), measured on Fashion-MNIST, the digits "
+            "and colour shapes",
             f"training crops {values['global_crop_size']} px, 5/7 of the side and at most {MAX_SMALL_CROPS[0]} px (on "
             f"Fashion-MNIST 20 of 28 px gave the same k-NN per step as 28 at 0.63 of the cost, on 32-px colour "
             f"shapes 20 px beat 24 by 5 points in 5 minutes); evaluation at the same size",
