@@ -1,6 +1,7 @@
 """Settings chosen from measurements and data: `precision=auto` (train/autotune.py) and `--preset auto`
 (train/presets.py)."""
 import json
+import time
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def fake_clock(ms: dict):
     """A `measure` that reports the given milliseconds per (precision, threads) and records its calls."""
     calls = []
 
-    def measure(cfg):
+    def measure(cfg, give_up=None):
         calls.append((cfg.precision, cfg.threads))
         return ms[(cfg.precision, cfg.threads)] / 1000
     return measure, calls
@@ -53,6 +54,38 @@ def test_auto_precision_is_the_fastest_measured_and_is_cached(cache, monkeypatch
     tuned, _ = autotune.choose(Config(precision="auto", embed_dim=768).validate(), CPU, 1, measure)
     assert tuned.precision == "fp32" and len(calls) == 6
     assert len(json.loads(cache.read_text())[autotune.machine_id()]) == 2
+
+
+def test_a_candidate_far_slower_than_the_best_is_given_up_and_not_timed_again(cache, monkeypatch):
+    """Emulated bf16 (a CPU without it natively) can take a minute a step on a large model: its timing stops at
+    the first step past LOST_AT times the best so far, and the second round skips it."""
+    monkeypatch.setattr(autotune, "candidates", lambda cfg: [("fp32", 2), ("bf16", 2), ("fp32", 1)])
+    limits = []
+
+    def measure(cfg, give_up=None):
+        limits.append((cfg.precision, cfg.threads, give_up))
+        seconds = {("fp32", 2): 0.05, ("bf16", 2): 2.0, ("fp32", 1): 0.07}[(cfg.precision, cfg.threads)]
+        return seconds if give_up is None else min(seconds, 1.01 * give_up)  # stopped at the first slow step
+    tuned, why = autotune.choose(Config(precision="auto").validate(), CPU, 1, measure)
+    assert tuned.precision == "fp32" and tuned.threads == 2
+    assert [(p, t) for p, t, _ in limits] == [("fp32", 2), ("bf16", 2), ("fp32", 1), ("fp32", 2), ("fp32", 1)]
+    assert limits[0][2] is None and limits[1][2] == pytest.approx(autotune.LOST_AT * 0.05)
+
+
+def test_seconds_per_step_gives_up_at_the_first_slow_step_after_the_first():
+    from dinokit.train.loop import seconds_per_step
+
+    class Batch:
+        views = [0]
+    slept = []
+
+    def step(batch):  # the first step compiles (slow, not held against it), the third is the slow one
+        slept.append(0.3 if len(slept) in (0, 2) else 0.0)
+        time.sleep(slept[-1])
+    t = seconds_per_step(step, [Batch()] * 8, CPU, warmup=2, give_up=0.2)
+    assert len(slept) == 3 and t >= 0.3
+    slept.clear()
+    assert seconds_per_step(step, [Batch()] * 8, CPU, warmup=2) < 0.2 and len(slept) == 8
 
 
 def test_a_choice_measured_on_a_busy_machine_is_not_cached(cache, monkeypatch):

@@ -16,6 +16,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -110,8 +111,8 @@ def make_plan(cfg: Config, arms: list[Arm], budget: float | None, steps: int | N
     device = pick_device(cfg.device)
     source, per_epoch, multicrop = build_data(cfg)
     decode = resolve_decode(cfg.decode, device.type)
-    measure = lambda c: measure_step(c, device, per_epoch, source, multicrop, decode, 0, 1,
-                                     warmup=3, timed=10)
+    measure = partial(measure_step, device=device, per_epoch=per_epoch, source=source, multicrop=multicrop,
+                      decode=decode, rank=0, world=1, warmup=3, timed=10)
     cfg, _ = autotune.choose(cfg, device, 1, measure)
     sec_per_step = measure(cfg)
     # one check on the initial weights: its time, and the k-NN every arm starts from

@@ -104,14 +104,16 @@ def write_cache(machine: str, shape: str, entry: dict):
         pass  # a read-only home: measured again next time, nothing lost
 
 
+LOST_AT = 10.0  # a candidate's step this many times the best one's: it has lost, and is timed no further
 SHORT_BUDGET = 120.0  # seconds: a run this short is not spent on measuring its precision
 
 
 def choose(cfg, device: torch.device, world: int, measure, rounds: int = 2,
            time_budget: float | None = None) -> tuple[object, dict]:
     """The configuration with `precision` (and `threads`) resolved, and what was decided and why.
-    `measure(cfg) -> seconds per step` times real training steps of a configuration. Under a time budget
-    shorter than SHORT_BUDGET, with nothing cached, it does not measure (that could take the whole budget)."""
+    `measure(cfg, give_up=None) -> seconds per step` times real training steps of a configuration (see
+    `loop.seconds_per_step` for `give_up`). Under a time budget shorter than SHORT_BUDGET, with nothing
+    cached, it does not measure (that could take the whole budget)."""
     if cfg.precision != "auto":
         threads = cfg.threads or all_cores()
         torch.set_num_threads(threads)
@@ -131,11 +133,19 @@ def choose(cfg, device: torch.device, world: int, measure, rounds: int = 2,
     elif entry is None:
         load = others_load()  # before we add our own
         timings: dict[str, float] = {}
+        lost: set[str] = set()
         for _ in range(rounds):  # interleaved, best of each: a passing load spoils one round, not a candidate
             for precision, threads in candidates(cfg):
-                torch.set_num_threads(threads)
-                t = measure(dataclasses.replace(cfg, precision=precision, threads=threads))
                 key = f"{precision}/{threads}"
+                if key in lost:
+                    continue
+                # a step LOST_AT times the best so far ends a candidate's timing (emulated bf16: a minute a step);
+                # alone only: ranks that stopped at different steps would leave the others in a collective
+                give_up = LOST_AT * min(timings.values()) if timings and world == 1 else None
+                torch.set_num_threads(threads)
+                t = measure(dataclasses.replace(cfg, precision=precision, threads=threads), give_up=give_up)
+                if give_up is not None and t > give_up:
+                    lost.add(key)
                 timings[key] = min(t, timings.get(key, t))
         best = min(timings, key=timings.get)
         entry = {"precision": best.split("/")[0], "threads": int(best.split("/")[1]),

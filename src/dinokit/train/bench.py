@@ -57,18 +57,27 @@ def spec_peak(device: torch.device) -> tuple[str, dict[str, float]] | None:
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 1.0) -> float:
     """FLOP/s of a square matmul in `dtype`, best of repeated runs over about `seconds`: 2048 wide on a CPU,
-    8192 on a GPU (a small one would leave a GPU's peak far from reached and flatter the MFU)."""
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    8192 on a GPU (a small one would leave a GPU's peak far from reached and flatter the MFU). On a CPU the
+    size stops doubling from 256 once one product takes a twentieth of `seconds`: a CPU without native bf16
+    emulates it at under 1 GFLOP/s, and one 2048-wide product would take a minute there."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    best, start = float("inf"), time.perf_counter()
-    while time.perf_counter() - start < seconds:
+
+    def once(a, b) -> float:
         t = time.perf_counter()
         a @ b
         sync()
-        best = min(best, time.perf_counter() - t)
+        return time.perf_counter() - t
+
+    n = 8192 if device.type == "cuda" else 256
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    once(a, b)
+    while device.type != "cuda" and n < 2048 and once(a, b) < seconds / 20:
+        n *= 2
+        a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+        once(a, b)
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        best = min(best, once(a, b))
     return 2 * n ** 3 / best
 
 
@@ -153,7 +162,7 @@ def table(r: dict) -> str:
     for k in PARTS:
         lines.append(f"{k:<10} {r['ms_per_step'][k]:>9.1f} {r['percent'][k]:>6.1f}")
     lines.append(f"{'total':<10} {r['ms_per_step_total']:>9.1f}")
-    peaks = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in r["matmul_peak_flops"].items())
+    peaks = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in r["matmul_peak_flops"].items())
     lines += [f"images/s          {r['images_per_s']:.1f}  (warm-up {r['warmup_s']:.1f} s)",
               f"data wait         {100 * r['data_wait']:.1f}% of the loop's time",
               f"peak memory       {r['peak_memory_mib']:.0f} MiB",

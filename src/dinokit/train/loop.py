@@ -5,6 +5,7 @@ import os
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -106,31 +107,42 @@ class TimeBudget:
 
 
 def measure_step(cfg: Config, device: torch.device, per_epoch: int, source, multicrop, decode: str,
-                 rank: int, world: int, warmup: int = 2, timed: int = 5, early: bool = False) -> float:
+                 rank: int, world: int, warmup: int = 2, timed: int = 5, early: bool = False,
+                 give_up: float | None = None) -> float:
     """Seconds per step, data included, measured on a throwaway trainer; the global RNG is left as it was.
-    Full-size steps, or with `early` the steps on `early_crops`."""
+    Full-size steps, or with `early` the steps on `early_crops`. `give_up`: see `seconds_per_step`."""
     with torch.random.fork_rng(devices=[]):  # the probe's draws leave the run's stream as it was
         probe = Trainer(cfg, device, per_epoch, warmup + timed)
         probe.early_share = float(early)
         batches = run_batches(cfg, source, multicrop, device, 0, rank, world, decode, length=warmup + timed)
-        return seconds_per_step(lambda batch: probe.train_step(batch.views), batches, device, warmup)
+        return seconds_per_step(lambda batch: probe.train_step(batch.views), batches, device, warmup, give_up)
 
 
-def seconds_per_step(run_step, batches, device: torch.device, warmup: int = 2) -> float:
+def seconds_per_step(run_step, batches, device: torch.device, warmup: int = 2,
+                     give_up: float | None = None) -> float:
     """Seconds per step, data included: `run_step(batch)` over `batches`, the first `warmup` untimed (a
     batch of unreadable images counts as a step, as in the run). Any loop's time budget sizes its run by it.
+    With `give_up`, a step after the first (which may compile kernels) slower than that ends the measurement:
+    its time is returned (a candidate that slow has lost; emulated bf16 can take a minute a step).
 
     >>> from types import SimpleNamespace
     >>> seconds_per_step(lambda batch: None, [SimpleNamespace(views=[0])] * 4, torch.device("cpu")) >= 0
     True
     """
-    t0, n = None, 0
+    t0, n, last = None, 0, time.perf_counter()
     for b, batch in enumerate(batches):
         if b == warmup:
             t0 = time.perf_counter()
         if batch.views is not None:
             run_step(batch)
         n += b >= warmup
+        if give_up is not None:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            if b > 0 and now - last > give_up:
+                return now - last
+            last = now
     if device.type == "cuda":
         torch.cuda.synchronize()
     if t0 is None or n == 0:
@@ -221,8 +233,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, time_budget: f
     decode = resolve_decode(cfg.decode, device.type)
     source, per_epoch, multicrop = build_data(cfg)
     started = time.time()
-    measure = lambda c, early=False: measure_step(c, device, per_epoch, source, multicrop, decode,  # noqa: E731
-                                                  rank, world, early=early)
+    measure = partial(measure_step, device=device, per_epoch=per_epoch, source=source, multicrop=multicrop,
+                      decode=decode, rank=rank, world=world)
     cfg, tuned = autotune.choose(cfg, device, world, measure, time_budget=time_budget)  # precision auto: measured (a resumed run's is set)
     if tuned["reason"] != "given":
         log(autotune.describe(tuned))
