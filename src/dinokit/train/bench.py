@@ -59,7 +59,7 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 1.0) 
     """FLOP/s of a square matmul in `dtype`, best of repeated runs over about `seconds`: 2048 wide on a CPU,
     8192 on a GPU (a small one would leave a GPU's peak far from reached and flatter the MFU). On a CPU the
     size stops doubling from 256 once one product takes a twentieth of `seconds`: a CPU without native bf16
-    emulates it at under 1 GFLOP/s, and one 2048-wide product would take a minute there."""
+    emulates it at about 1 GFLOP/s, and one 2048-wide product took 13 to 19 s there (BENCHMARKS.md)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def once(a, b) -> float:
