@@ -129,13 +129,29 @@ def test_conv_stem_takes_any_image_size(stem):
         torch.testing.assert_close(model.prepare_tokens(x)[:, 1:] - model.patch_embed(x), model.pos_embed[:, 1:])
 
 
-def test_bf16_attention_on_a_cpu_is_explicit_and_matches_fp32(monkeypatch):
-    """In bf16 on a CPU attention runs as two matrix products and a softmax (PyTorch's fused kernel was up to
-    12x slower there, BENCHMARKS.md); in fp32 it is the fused kernel. Both give the fp32 result, the bf16 one
-    to bf16's precision, values and gradients."""
-    from dinokit.models.vit import explicit_attention
-    assert explicit_attention(torch.zeros(1, dtype=torch.bfloat16))
-    assert not explicit_attention(torch.zeros(1))
+def test_attention_on_a_cpu_is_explicit_in_bf16_and_over_few_tokens_and_matches_the_fused_kernel(monkeypatch):
+    """On a CPU attention runs as two matrix products and a softmax in bf16 (PyTorch's fused kernel was up to
+    12x slower there, BENCHMARKS.md) and over a few tokens in fp32 (up to 2x slower); over many tokens in fp32
+    it is the fused kernel. Explicit and fused give the same fp32 values and gradients, and the bf16 result is
+    the fp32 one to bf16's precision."""
+    from dinokit.models import vit
+    from dinokit.models.vit import EXPLICIT_MAX_TOKENS, explicit_attention
+    few, many = torch.zeros(2, 3, EXPLICIT_MAX_TOKENS, 8), torch.zeros(2, 3, EXPLICIT_MAX_TOKENS + 1, 8)
+    assert explicit_attention(few) and not explicit_attention(many)
+    assert explicit_attention(many.bfloat16())
+    model = random_vit(img_size=16, patch_size=4, embed_dim=48, depth=2, num_heads=4)  # 17 tokens
+    x = torch.randn(6, 3, 16, 16)
+    runs = {}
+    for explicit in (True, False):
+        monkeypatch.setattr(vit, "explicit_attention", lambda k, explicit=explicit: explicit)
+        model.zero_grad()
+        out = model.forward_features(x)
+        (out ** 2).sum().backward()
+        runs[explicit] = out, {n: p.grad.clone() for n, p in model.named_parameters()}
+    monkeypatch.undo()
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-5)
+    for n, g in runs[True][1].items():
+        torch.testing.assert_close(g, runs[False][1][n], rtol=1e-4, atol=1e-5 * g.abs().max().item())
     model = random_vit(img_size=16, patch_size=4, embed_dim=48, depth=2, num_heads=4)
     for p in model.parameters():
         p.data.mul_(0.5)
@@ -184,3 +200,18 @@ def test_keep_ratio_one_is_the_plain_forward_and_below_one_sees_fewer_tokens():
             tokens = blk(tokens)
         torch.testing.assert_close(dropped, model.norm(tokens)[:, 0])
     assert not torch.allclose(dropped, model(x))
+
+
+def test_drop_path_drops_whole_samples_and_scales_the_kept_ones_forward_and_backward():
+    from dinokit.models.vit import drop_path
+    torch.manual_seed(0)
+    x = torch.randn(4000, 3, 5, requires_grad=True)
+    out = drop_path(x, 0.25, training=True)
+    scale = (out / x).detach()  # per sample: 0 (dropped) or 1 / 0.75 (kept)
+    kept = scale[:, 0, 0] != 0
+    assert torch.allclose(scale, scale[:, :1, :1].expand_as(scale))
+    torch.testing.assert_close(scale[kept], torch.full_like(scale[kept], 1 / 0.75))
+    assert abs(kept.float().mean().item() - 0.75) < 0.03
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, scale)
+    assert drop_path(x, 0.25, training=False) is x and drop_path(x, 0.0, training=True) is x

@@ -17,7 +17,7 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor
         return x
     keep = 1.0 - drop_prob
     mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask / keep
+    return x * mask.div_(keep)  # one pass over x, forward and backward
 
 
 class DropPath(nn.Module):
@@ -40,12 +40,17 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def explicit_attention(q: torch.Tensor) -> bool:
+# On a CPU in fp32, attention over at most this many tokens runs faster as explicit products (BENCHMARKS.md)
+EXPLICIT_MAX_TOKENS = 64
+
+
+def explicit_attention(k: torch.Tensor) -> bool:
     """Whether attention is faster as two matrix products and a softmax than through
-    `scaled_dot_product_attention`: in bf16 or fp16 on a CPU. There PyTorch's fused kernel, forward and
-    backward, took 1.4x (785 tokens) to 12x (10 tokens) the time of the explicit products, which run on the
-    CPU's bf16 matrix units (BENCHMARKS.md, "bf16 where the CPU has AMX"); in fp32 it was as fast or faster."""
-    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+    `scaled_dot_product_attention`, on a CPU (BENCHMARKS.md): in bf16 or fp16, where PyTorch's fused kernel,
+    forward and backward, took 1.4x (785 tokens) to 12x (10 tokens) the time of the explicit products, which
+    run on the CPU's bf16 matrix units; in fp32 over a few keys (`k`: ..., tokens, dim), where the fused
+    kernel took 1.3x (26 tokens) to 2x (10 tokens) their time, and up to 197 tokens it lost only above 100."""
+    return k.device.type == "cpu" and (k.dtype in (torch.bfloat16, torch.float16) or k.shape[-2] <= EXPLICIT_MAX_TOKENS)
 
 
 class Attention(nn.Module):
@@ -68,7 +73,7 @@ class Attention(nn.Module):
             k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q, k, v = self.qkv(x).reshape(B, N, 3, *heads).permute(2, 0, 3, 1, 4).unbind(0)  # B, heads, N, dim
-        if return_attention or explicit_attention(q):
+        if return_attention or explicit_attention(k):
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1, dtype=torch.float32).to(v.dtype)
             x = attn @ v
         else:
