@@ -100,14 +100,19 @@ class MultiCrop:
         height = torch.as_tensor(height, dtype=torch.float).expand(n)
         width = torch.as_tensor(width, dtype=torch.float).expand(n)
         area = height * width
-        tries = 4 * torch.arange(10)  # torchvision's rule: the first of 10 tries that fits, all drawn at once
-        target = area[:, None] * self._draw(epoch, index, c, tries, *spec.scale)
-        ratio = torch.exp(self._draw(epoch, index, c, tries + 1, math.log(3 / 4), math.log(4 / 3)))
+        # torchvision's rule: the first of 10 tries that fits. All drawn in one call: try t's scale, log-ratio,
+        # top and left are draws 4t to 4t + 3
+        low = torch.tensor([spec.scale[0], math.log(3 / 4), 0.0, 0.0], dtype=torch.double).repeat(10)
+        high = torch.tensor([spec.scale[1], math.log(4 / 3), 1.0, 1.0], dtype=torch.double).repeat(10)
+        draws = self._draw(epoch, index, c, torch.arange(40), low, high)
+        scale, log_ratio, u_top, u_left = draws.view(n, 10, 4).unbind(2)
+        target = area[:, None] * scale
+        ratio = torch.exp(log_ratio)
         w = torch.round(torch.sqrt(target * ratio))
         h = torch.round(torch.sqrt(target / ratio))
         fits = (w > 0) & (h > 0) & (w <= width[:, None]) & (h <= height[:, None])
-        top = torch.floor(self._draw(epoch, index, c, tries + 2) * (height[:, None] - h + 1))
-        left = torch.floor(self._draw(epoch, index, c, tries + 3) * (width[:, None] - w + 1))
+        top = torch.floor(u_top * (height[:, None] - h + 1))
+        left = torch.floor(u_left * (width[:, None] - w + 1))
         first = fits.int().argmax(1, keepdim=True)[..., None]  # (n, 1, 1): the first try that fits
         box = torch.stack([left, top, left + w, top + h], 2).gather(1, first.expand(-1, 1, 4))[:, 0]
         done = fits.any(1)
