@@ -101,3 +101,21 @@ def test_flip_probability_comes_from_the_config(tmp_path):
     assert build_data(Config(data=str(tmp_path), batch_size=2, flip_p=0.0))[2].flip_p == 0.0
     with pytest.raises(ValueError, match="flip_p"):
         Config(flip_p=1.5).validate()
+
+
+def test_grey_images_are_cropped_as_one_channel_with_the_numbers_of_three():
+    """On the CPU a grey batch (three equal channels) is cropped through one channel: its crops must be the
+    numbers the three-channel path gives, channel for channel, for batch tensors and for size groups."""
+    g = torch.Generator().manual_seed(0)
+    mc = MultiCrop(global_size=20, local_size=12, local_crops=2, seed=5)
+    grey = torch.randint(0, 256, (8, 1, 28, 28), generator=g, dtype=torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    colour = grey.clone()
+    colour[:, 1:] = 255 - colour[:, 1:]  # channel 0 kept: the general path crops it exactly as before
+    index = torch.arange(8) * 3
+    for as_list in (False, True):
+        def batch(x):
+            return [x[i, :, :24 + i % 2] for i in range(8)] if as_list else x
+        for crop_grey, crop_colour in zip(mc.geometric(batch(grey), index, 1), mc.geometric(batch(colour), index, 1)):
+            assert crop_grey.shape == crop_colour.shape and crop_grey.is_contiguous()
+            for c in range(3):
+                assert torch.equal(crop_grey[:, c], crop_colour[:, 0])

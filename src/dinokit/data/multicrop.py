@@ -154,7 +154,10 @@ class MultiCrop:
                 for j, im in enumerate(images):
                     by_size.setdefault(tuple(im.shape[-2:]), []).append(j)
                 groups = [(torch.stack([images[j] for j in js]), torch.tensor(js)) for js in by_size.values()]
-        groups = [(batch.float(), pos) for batch, pos in groups]
+        # grey images (three equal channels) on the CPU are cropped as one: the same numbers for a third of the work
+        channels = groups[0][0].shape[1]
+        grey = [device.type == "cpu" and is_grey(batch) for batch, _ in groups]
+        groups = [((batch[:, :1] if g else batch).float(), pos) for (batch, pos), g in zip(groups, grey)]
         out = []
         for c, spec in enumerate(self.crops):
             boxes = self.crop_boxes(epoch, index, c, height, width)  # each sample's from its own size
@@ -165,14 +168,15 @@ class MultiCrop:
                 group_boxes = boxes if pos is None else boxes[pos]
                 rois = torch.cat([torch.arange(len(group_boxes), dtype=torch.float)[:, None], group_boxes], 1)
                 # boxes are drawn on the CPU; a blocking copy would wait for the GPU to finish its queue
-                parts.append(roi_align(batch, rois.to(device, non_blocking=True), spec.size, spatial_scale=1.0,
-                                       sampling_ratio=2, aligned=True))
+                part = roi_align(batch, rois.to(device, non_blocking=True), spec.size, spatial_scale=1.0,
+                                 sampling_ratio=2, aligned=True).div_(255)
+                parts.append(part.expand(-1, channels, -1, -1).contiguous() if part.shape[1] < channels else part)
             crop = parts[0]
             if len(groups) > 1:  # size groups: back in batch order
-                crop = torch.empty(len(index), 3, spec.size, spec.size, device=device)
+                crop = torch.empty(len(index), channels, spec.size, spec.size, device=device)
                 for (_, pos), part in zip(groups, parts):
                     crop[pos] = part
-            out.append(crop.div_(255))
+            out.append(crop)
         return out
 
     # ---- photometric -----------------------------------------------------------------------------
@@ -189,7 +193,7 @@ class MultiCrop:
             draws = u.T.contiguous().to(x.device, non_blocking=True)
             flip, jitter, brightness, contrast, saturation, hue, gray, _, _, solarize = draws.view(10, -1, 1, 1, 1)
             x = torch.where(flip < self.flip_p, x.flip(-1), x)
-            grey = x.device.type == "cpu" and torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
+            grey = x.device.type == "cpu" and is_grey(x)
             y = adjust_contrast(adjust_brightness(x, brightness), contrast)
             if not grey:
                 y = adjust_hue(adjust_saturation(y, saturation), hue)
@@ -203,6 +207,11 @@ class MultiCrop:
                 x = torch.where((solarize < spec.solarize_p) & (x >= 128 / 255), 1 - x, x)
             out.append((x - mean) / std)
         return out
+
+
+def is_grey(images: torch.Tensor) -> bool:
+    """Whether a (B, 3, H, W) batch's three channels are all equal."""
+    return images.shape[1] == 3 and torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2])
 
 
 def pad_to_canvas(images: list[torch.Tensor]) -> torch.Tensor:
