@@ -48,8 +48,9 @@ def explicit_attention(k: torch.Tensor) -> bool:
     """Whether attention is faster as two matrix products and a softmax than through
     `scaled_dot_product_attention`, on a CPU (BENCHMARKS.md): in bf16 or fp16, where PyTorch's fused kernel,
     forward and backward, took 1.4x (785 tokens) to 12x (10 tokens) the time of the explicit products, which
-    run on the CPU's bf16 matrix units; in fp32 over a few keys (`k`: ..., tokens, dim), where the fused
-    kernel took 1.3x (26 tokens) to 2x (10 tokens) their time, and up to 197 tokens it lost only above 100."""
+    run on the CPU's bf16 matrix units; in fp32 over at most `EXPLICIT_MAX_TOKENS` keys (`k`: ..., tokens,
+    dim), where the fused kernel took 1.1x (65 tokens) to 2x (10 tokens) their time forward and backward (it
+    is the faster from about 200 tokens up, and without grad from about 50)."""
     return k.device.type == "cpu" and (k.dtype in (torch.bfloat16, torch.float16) or k.shape[-2] <= EXPLICIT_MAX_TOKENS)
 
 
