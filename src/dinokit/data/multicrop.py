@@ -154,10 +154,11 @@ class MultiCrop:
                 for j, im in enumerate(images):
                     by_size.setdefault(tuple(im.shape[-2:]), []).append(j)
                 groups = [(torch.stack([images[j] for j in js]), torch.tensor(js)) for js in by_size.values()]
-        # grey images (three equal channels) on the CPU are cropped as one: the same numbers for a third of the work
+        # grey images (three equal channels) on the CPU are cropped as one: the same numbers, roi_align in two
+        # thirds of the time
         channels = groups[0][0].shape[1]
-        grey = [device.type == "cpu" and is_grey(batch) for batch, _ in groups]
-        groups = [((batch[:, :1] if g else batch).float(), pos) for (batch, pos), g in zip(groups, grey)]
+        groups = [((batch[:, :1] if device.type == "cpu" and is_grey(batch) else batch).float(), pos)
+                  for batch, pos in groups]
         out = []
         for c, spec in enumerate(self.crops):
             boxes = self.crop_boxes(epoch, index, c, height, width)  # each sample's from its own size
