@@ -10,6 +10,7 @@ An explicit `precision` (and `threads`) always wins. On GPUs, `auto` is bf16 (fp
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -66,19 +67,83 @@ def candidates(cfg) -> list[tuple[str, int]]:
     return [(p, t) for t in threads for p in ("fp32", "bf16") if t == threads[0] or p == "fp32"]
 
 
-def others_load(seconds: float = 0.3) -> float:
-    """Cores' worth of CPU time other processes use now, from /proc/stat over `seconds` (the 1-minute load
-    average would still count a job that ended a minute ago); the load average where there is no /proc."""
-    def sample():
-        with open("/proc/stat") as f:
-            values = [float(v) for v in f.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # all, idle + iowait
+MIN_METERED = 0.1  # seconds: the shortest interval whose CPU time /proc can tell
+
+
+def cpu_sample() -> tuple[float, float, float] | None:
+    """(CPU seconds the whole machine has been busy, all cores and steal from other virtual machines included;
+    CPU seconds of this process and its children such as loader workers; wall seconds) now, from /proc. None
+    without /proc."""
     try:
-        (total0, idle0), _, (total1, idle1) = sample(), time.sleep(seconds), sample()
-    except (OSError, ValueError, IndexError):
+        ticks = os.sysconf("SC_CLK_TCK")
+        with open("/proc/stat") as f:
+            values = [float(v) for v in f.readline().split()[1:9]]  # user .. steal (guest time is in user)
+        busy = sum(values) - values[3] - values[4]  # all but idle and iowait
+        own = sum(process_ticks(pid) for pid in [os.getpid(), *children()])
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return busy / ticks, own / ticks, time.perf_counter()
+
+
+def children() -> list[int]:
+    """This process's children (loader workers), where the kernel lists them."""
+    pids = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+def process_ticks(pid: int) -> float:
+    """CPU clock ticks a process has used (all its threads); 0 for one that has just exited."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return float(fields[11]) + float(fields[12])  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def others_since(sample: tuple[float, float, float] | None) -> float:
+    """Cores' worth of CPU time other processes (and other virtual machines) used since `sample`."""
+    now = cpu_sample()
+    if sample is None or now is None or now[2] - sample[2] < MIN_METERED:
+        return 0.0  # too short for the kernel's clock ticks (10 ms) to say
+    return max(0.0, ((now[0] - sample[0]) - (now[1] - sample[1])) / (now[2] - sample[2]))
+
+
+def others_load(seconds: float = 0.3) -> float:
+    """Cores' worth of CPU time other processes use now, over `seconds` (the 1-minute load average would
+    still count a job that ended a minute ago); the load average where there is no /proc."""
+    sample = cpu_sample()
+    if sample is None:
         return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    cores = os.cpu_count() or 1
-    return cores * (1 - (idle1 - idle0) / max(total1 - total0, 1e-9))
+    time.sleep(seconds)
+    return others_since(sample)
+
+
+# Cores other processes (or other virtual machines, as steal time) may use while a candidate is timed: more, and
+# the timing is taken again, RETRIES times at most, and a choice made on such timings is not cached. With every
+# core in use, one taken away slows the whole step (the threads wait for each other at every operation).
+DISTURBED = 0.5
+RETRIES = 1
+
+
+def measured_quietly(measure, cfg, give_up: float | None) -> tuple[float, float]:
+    """(seconds per step, cores other processes used while it was timed): timed again while they took more
+    than DISTURBED cores; the quieter timing is kept."""
+    kept = (math.inf, math.inf)
+    for _ in range(1 + RETRIES):
+        sample = cpu_sample()
+        seconds = measure(cfg, give_up=give_up)
+        others = others_since(sample)
+        if others <= DISTURBED:
+            return seconds, others
+        kept = min(kept, (others, seconds))
+    return kept[1], kept[0]
 
 
 def read_cache(machine: str, shape: str) -> dict | None:
@@ -134,6 +199,7 @@ def choose(cfg, device: torch.device, world: int, measure, rounds: int = 2,
         load = others_load()  # before we add our own
         timings: dict[str, float] = {}
         lost: set[str] = set()
+        disturbed = 0.0  # the most other processes took from a timing that was kept
         for _ in range(rounds):  # interleaved, best of each: a passing load spoils one round, not a candidate
             for precision, threads in candidates(cfg):
                 key = f"{precision}/{threads}"
@@ -143,14 +209,20 @@ def choose(cfg, device: torch.device, world: int, measure, rounds: int = 2,
                 # alone only: ranks that stopped at different steps would leave the others in a collective
                 give_up = LOST_AT * min(timings.values()) if timings and world == 1 else None
                 torch.set_num_threads(threads)
-                t = measure(dataclasses.replace(cfg, precision=precision, threads=threads), give_up=give_up)
+                candidate = dataclasses.replace(cfg, precision=precision, threads=threads)
+                if world == 1:
+                    t, others = measured_quietly(measure, candidate, give_up)
+                    disturbed = max(disturbed, others)
+                else:  # the other ranks are other processes, and a timing taken again would miss their collectives
+                    t = measure(candidate, give_up=give_up)
                 if give_up is not None and t > give_up:
                     lost.add(key)
                 timings[key] = min(t, timings.get(key, t))
         best = min(timings, key=timings.get)
         entry = {"precision": best.split("/")[0], "threads": int(best.split("/")[1]),
                  "ms_per_step": {k: round(1000 * v, 2) for k, v in timings.items()}}
-        busy = load > 0.5 * max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+        load = max(load, disturbed)
+        busy = load > DISTURBED
         if not busy:  # a busy machine's choice is right for this run, not for a quiet machine's later ones
             write_cache(machine, shape, entry)
         entry = {**entry, "sec_per_step": timings[best],
