@@ -57,6 +57,20 @@ def test_auto_precision_is_the_fastest_measured_and_is_cached(cache, monkeypatch
     assert len(json.loads(cache.read_text())[autotune.machine_id()]) == 2
 
 
+def test_a_choice_cached_by_an_older_way_of_timing_is_measured_again(cache, monkeypatch):
+    """Revision 1 cached choices made on timings that other processes had disturbed (its entries have no
+    `|timing` part): they are not read, and the new measurement is cached beside them."""
+    monkeypatch.setattr(autotune, "candidates", lambda cfg: [("fp32", 2), ("fp32", 1)])
+    cfg = Config(precision="auto").validate()
+    old = autotune.machine_id().rsplit("|timing", 1)[0]
+    assert old != autotune.machine_id()
+    cache.write_text(json.dumps({old: {autotune.shape_key(cfg, 1): {"precision": "fp32", "threads": 1}}}))
+    measure, calls = fake_clock({("fp32", 2): 60, ("fp32", 1): 90})
+    tuned, why = autotune.choose(cfg, CPU, 1, measure)
+    assert (tuned.threads, len(calls)) == (2, 4) and "measured on this machine" in why["reason"]
+    assert set(json.loads(cache.read_text())) == {old, autotune.machine_id()}
+
+
 def test_a_candidate_far_slower_than_the_best_is_given_up_and_not_timed_again(cache, monkeypatch):
     """Emulated bf16 (a CPU without it natively) can take a minute a step on a large model: its timing stops at
     the first step past LOST_AT times the best so far, and the second round skips it."""

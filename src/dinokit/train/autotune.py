@@ -25,13 +25,18 @@ SHAPE_KEYS = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "mlp_rati
               "optimizer", "batch_size", "compile", "num_workers", "decode", "fsdp")
 
 
+# How steps are timed. Choices cached by an older way are stale and measured again: since revision 2 a timing that
+# other processes disturbed is taken again and not cached, and revision 1's cache can hold a choice made on one.
+TIMING_REVISION = 2
+
+
 def cache_file() -> Path:
     return Path(os.environ.get("DINOKIT_TUNE_CACHE", Path.home() / ".cache" / "dinokit" / "autotune.json"))
 
 
 def machine_id() -> str:
-    """The CPU model, its flags and core count, torch's version and dinokit's: what the measurement depends on
-    (a new dinokit can change which precision is faster, as explicit bf16 attention did)."""
+    """The CPU model, its flags and core count, torch's version, dinokit's and the way of timing: what the
+    measurement depends on (a new dinokit can change which precision is faster, as explicit bf16 attention did)."""
     from .. import __version__  # here, not at the top: the package imports this module while it loads
     model, flags = platform.processor(), ""
     try:
@@ -46,7 +51,7 @@ def machine_id() -> str:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     text = (f"{model}|{hashlib.sha256(flags.encode()).hexdigest()[:12]}|{cores}|torch {torch.__version__}"
-            f"|dinokit {__version__}")
+            f"|dinokit {__version__}|timing {TIMING_REVISION}")
     return text
 
 

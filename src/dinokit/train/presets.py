@@ -17,7 +17,7 @@ SMALL = {
     "arch": "vit", "stem": "conv-full-relu", "patch_size": 4, "embed_dim": 96, "depth": 2, "num_heads": 4,
     "mlp_ratio": 2.0, "drop_path_rate": 0.0, "out_dim": 1024, "head_hidden_dim": 256, "bottleneck_dim": 64,
     "use_bn_in_head": True, "local_crops_number": 0, "global_crops_scale": [0.6, 1.0],
-    "local_crops_scale": [0.25, 0.6], "warmup_teacher_temp": 0.04, "teacher_temp": 0.04, "momentum_teacher": 0.99,
+    "local_crops_scale": [0.25, 0.6], "warmup_teacher_temp": 0.04, "teacher_temp": 0.04, "momentum_teacher": 0.98,
     "koleo_weight": 0.3, "lr": 0.005, "warmup_epochs": 1, "min_lr": 1e-5, "batch_size": 32, "freeze_last_layer": 0,
     "epochs": 10, "log_every": 20, "save_every_steps": 500,
 }
