@@ -8,6 +8,15 @@ import torch
 
 from dinokit.models.vit import VisionTransformer
 
+# precision=auto caches what it measured in the user's cache folder: the tests' runs, timed on a machine the
+# tests load, write theirs to a folder of their own and leave the user's choices as they were.
+@pytest.fixture(scope="session", autouse=True)
+def own_tune_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DINOKIT_TUNE_CACHE", str(tmp_path_factory.mktemp("tune") / "autotune.json"))
+        yield
+
+
 # The reference implementation's outputs: ../shared/parity beside the repository (as CI lays it out), or
 # wherever DINOKIT_PARITY points.
 PARITY = Path(os.environ.get("DINOKIT_PARITY", Path(__file__).resolve().parents[2] / "shared" / "parity"))

@@ -199,7 +199,7 @@ def choose(cfg, device: torch.device, world: int, measure, rounds: int = 2,
     if entry is None and time_budget is not None and time_budget < SHORT_BUDGET:
         entry = {"precision": "fp32", "threads": cfg.threads or all_cores(),
                  "reason": f"not measured: a time budget under {SHORT_BUDGET:.0f} s has no room for it (fp32 on "
-                           "every core: bf16 was 1.3-1.8x faster on a CPU with AMX, 2x slower on those without)"}
+                           "every core: bf16 was faster on some CPUs, up to 2x slower or emulated on others)"}
     elif entry is None:
         load = others_load()  # before we add our own
         timings: dict[str, float] = {}
